@@ -1,0 +1,310 @@
+"""Decathlon-style datalists: loading, tag filtering, modality groups, header-only validation, cache sizing.
+
+A datalist is a JSON file ``{"training": [...], "validation": [...]}`` whose entries hold ``image`` (a NIfTI,
+NRRD or MetaImage file, or a DICOM series folder; relative to a data root or absolute), ``modality``
+(``CT``, ``MR`` or a finer MR tag such as ``T1CE`` or ``FLAIR``; case-insensitive), optional ``tags``
+(a list of strings used to pick subsets) and any other keys (e.g. ``label``), which are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from dae.data.readers import find_dicom_series
+
+__all__ = [
+    "GROUP_NAMES",
+    "MODALITY_GROUPS",
+    "DatalistError",
+    "ImageHeader",
+    "estimate_cache_bytes",
+    "format_bytes",
+    "load_datalist",
+    "read_image_header",
+    "validate_datalist",
+]
+
+GROUP_NAMES: tuple[str, ...] = ("CT", "MR")
+"""Modality groups; an entry's ``modality_label`` is its group's index in this tuple."""
+
+MODALITY_GROUPS: dict[str, str] = {
+    "CT": "CT",
+    "MR": "MR",
+    "T1": "MR",
+    "T1CE": "MR",
+    "T1C": "MR",
+    "T1GD": "MR",
+    "T2": "MR",
+    "FLAIR": "MR",
+    "PD": "MR",
+    "DWI": "MR",
+    "ADC": "MR",
+    "SWI": "MR",
+}
+"""Default map from (upper-case) modality tag to modality group."""
+
+_PATH_KEYS = ("image", "label")
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class DatalistError(ValueError):
+    """A datalist cannot be used; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """Geometry of an image read from its header.
+
+    Attributes:
+        shape: number of voxels per axis, as stored (x, y, z[, ...]).
+        spacing: voxel size per axis in mm.
+    """
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+
+    @property
+    def is_3d(self) -> bool:
+        """Three spatial axes of more than one voxel (a trailing 4th axis of size 1 is allowed)."""
+        shape = self.shape[:3] if len(self.shape) == 4 and self.shape[3] == 1 else self.shape
+        return len(shape) == 3 and min(shape) > 1
+
+
+def read_image_header(path: str | Path) -> ImageHeader:
+    """Read shape and spacing from an image header without loading the voxels.
+
+    NIfTI files are read with nibabel, other files with SimpleITK's ``ReadImageInformation``, and a DICOM
+    series folder gives the in-plane information of its first file, the slice count, and the slice spacing
+    from the positions of its first and last files.
+
+    Args:
+        path: an image file or a DICOM series folder.
+
+    Returns:
+        The image's header geometry.
+
+    Raises:
+        ValueError: a folder holds no DICOM series.
+        Exception: whatever nibabel or SimpleITK raise for an unreadable file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = find_dicom_series(path)
+        first, last = _sitk_info(files[0]), _sitk_info(files[-1])
+        gap = float(np.linalg.norm(np.subtract(last.GetOrigin(), first.GetOrigin())))
+        z_spacing = gap / (len(files) - 1) if len(files) > 1 else first.GetSpacing()[2]
+        return ImageHeader((*first.GetSize()[:2], len(files)), (*first.GetSpacing()[:2], z_spacing))
+    if path.name.lower().endswith(_NIFTI_SUFFIXES):
+        header = nib.load(path).header
+        return ImageHeader(tuple(int(s) for s in header.get_data_shape()), tuple(float(z) for z in header.get_zooms()))
+    info = _sitk_info(path)
+    return ImageHeader(tuple(info.GetSize()), tuple(info.GetSpacing()))
+
+
+def _sitk_info(path: str | Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def _entry_problem(entry: object, groups: Mapping[str, str], check_files: bool) -> str | None:
+    """The first problem of one entry, or None."""
+    if not isinstance(entry, Mapping):
+        return f"entry must be a JSON object, got {type(entry).__name__}"
+    if "image" not in entry:
+        return f"missing 'image' key (keys present: {sorted(entry)})"
+    modality = entry.get("modality")
+    if not isinstance(modality, str) or modality.upper() not in groups:
+        return f"unknown modality {modality!r} (known: {', '.join(sorted(groups))})"
+    tags = entry.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return f"'tags' must be a list of strings, got {tags!r}"
+    if not check_files:
+        return None
+    path = Path(entry["image"])
+    if not path.exists():
+        return "file or folder does not exist"
+    try:
+        header = read_image_header(path)
+    except Exception as e:  # any reader failure means the image is unusable
+        return f"unreadable header ({type(e).__name__}: {' '.join(str(e).split())})"
+    if not header.is_3d:
+        return f"not a 3D volume: shape {header.shape}"
+    return None
+
+
+def validate_datalist(
+    entries: Sequence[object],
+    source: str = "<datalist>",
+    modality_groups: Mapping[str, str] | None = None,
+    check_files: bool = True,
+    indices: Sequence[int] | None = None,
+) -> None:
+    """Check every entry and raise one error listing all bad ones.
+
+    Checks: the list is not empty; each entry is an object with an ``image`` key, a known ``modality``
+    and ``tags`` (if any) given as a list of strings; and, with ``check_files``, that the image exists,
+    its header can be read and it is a 3D volume. Only headers are read.
+
+    Args:
+        entries: datalist entries, with ``image`` paths already resolved.
+        source: name of the datalist (file and key) for the error message.
+        modality_groups: modality tag to group map; defaults to :data:`MODALITY_GROUPS`.
+        check_files: also check existence, readability and dimensionality of each image.
+        indices: position of each entry in the source list, for the message (default ``0..n-1``).
+
+    Raises:
+        DatalistError: with a header naming ``source`` and one ``  [index] <path>: <reason>`` line per bad entry.
+    """
+    if not entries:
+        raise DatalistError(f"Datalist {source} is empty.")
+    groups = {k.upper(): v for k, v in (modality_groups or MODALITY_GROUPS).items()}
+    indices = range(len(entries)) if indices is None else indices
+    lines = []
+    for index, entry in zip(indices, entries):
+        reason = _entry_problem(entry, groups, check_files)
+        if reason is not None:
+            path = entry.get("image", "<no image>") if isinstance(entry, Mapping) else "<no image>"
+            lines.append(f"  [{index}] {path}: {reason}")
+    if lines:
+        header = f"Datalist {source}: {len(lines)} of {len(entries)} entries are invalid:"
+        raise DatalistError("\n".join([header, *lines]))
+
+
+def _read_entries(path: Path, key: str) -> list:
+    if not path.is_file():
+        raise DatalistError(f"Datalist file '{path}' does not exist.")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatalistError(f"Datalist file '{path}' is not valid JSON: {e}") from e
+    if not isinstance(content, dict) or key not in content:
+        present = sorted(content) if isinstance(content, dict) else f"a JSON {type(content).__name__}, not an object"
+        raise DatalistError(f"Datalist file '{path}' has no key '{key}' (keys present: {present}).")
+    if not isinstance(content[key], list):
+        raise DatalistError(f"Datalist file '{path}': '{key}' must be a list, got {type(content[key]).__name__}.")
+    return content[key]
+
+
+def _keep(entry: object, include: set[str] | None, exclude: set[str]) -> bool:
+    """Tag filter; malformed entries are kept so that validation reports them."""
+    tags = entry.get("tags", []) if isinstance(entry, Mapping) else None
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return True
+    return (include is None or bool(set(tags) & include)) and not set(tags) & exclude
+
+
+def load_datalist(
+    path: str | Path,
+    key: str = "training",
+    data_root: str | Path | None = None,
+    include_tags: Iterable[str] | None = None,
+    exclude_tags: Iterable[str] | None = None,
+    modality_groups: Mapping[str, str] | None = None,
+    validate: bool = True,
+) -> list[dict]:
+    """Load, filter and validate one list of a datalist JSON file.
+
+    Args:
+        path: the JSON file.
+        key: which list to read (``"training"``, ``"validation"``, ...).
+        data_root: folder that relative ``image``/``label`` paths are joined to; defaults to the current
+            directory (not the JSON's folder), i.e. relative paths are left as they are.
+        include_tags: keep only entries having at least one of these tags (None: no restriction).
+        exclude_tags: drop entries having any of these tags.
+        modality_groups: modality tag to group map; defaults to :data:`MODALITY_GROUPS`.
+        validate: check that every kept image exists, has a readable header and is 3D (entry structure and
+            modalities are always checked).
+
+    Returns:
+        The kept entries (copies) with resolved paths, ``modality`` in upper case, ``modality_group``
+        (e.g. ``"CT"``) and ``modality_label`` (index of the group in :data:`GROUP_NAMES`).
+
+    Raises:
+        DatalistError: the file is missing or not JSON, ``key`` is missing, the list is empty (before or
+            after tag filtering), or some entries are invalid (all listed in one message).
+    """
+    path = Path(path)
+    source = f"'{path}' (key '{key}')"
+    groups = {k.upper(): v for k, v in (modality_groups or MODALITY_GROUPS).items()}
+    unknown_groups = sorted(set(groups.values()) - set(GROUP_NAMES))
+    if unknown_groups:
+        raise ValueError(f"modality_groups maps to unknown groups {unknown_groups}; groups are {GROUP_NAMES}.")
+    raw = _read_entries(path, key)
+    if not raw:
+        raise DatalistError(f"Datalist {source} is empty.")
+    include = None if include_tags is None else set(include_tags)
+    exclude = set(exclude_tags or ())
+    kept = [(i, dict(e) if isinstance(e, Mapping) else e) for i, e in enumerate(raw) if _keep(e, include, exclude)]
+    if not kept:
+        present = sorted({t for e in raw for t in e.get("tags", [])})  # malformed entries are never filtered out
+        raise DatalistError(
+            f"Datalist {source}: no entries left after tag filtering (include_tags={sorted(include or [])}, "
+            f"exclude_tags={sorted(exclude)}); tags present: {present}."
+        )
+    root = Path(data_root) if data_root is not None else Path()
+    for _, entry in kept:
+        for k in _PATH_KEYS:
+            if isinstance(entry, dict) and isinstance(entry.get(k), str):
+                entry[k] = str(root / entry[k])  # an absolute entry path replaces the root
+    entries = [e for _, e in kept]
+    validate_datalist(entries, source, groups, check_files=validate, indices=[i for i, _ in kept])
+    for entry in entries:
+        entry["modality"] = entry["modality"].upper()
+        entry["modality_group"] = groups[entry["modality"]]
+        entry["modality_label"] = GROUP_NAMES.index(entry["modality_group"])
+    return entries
+
+
+def estimate_cache_bytes(
+    entries: Sequence[Mapping | ImageHeader],
+    target_spacing: Sequence[float] | float | None = None,
+    bytes_per_voxel: int = 4,
+    cache_rate: float = 1.0,
+) -> int:
+    """Estimate the memory of cached volumes (resampled, before cropping) from their headers.
+
+    Per volume, the voxel count is ``prod(round(shape * spacing / target_spacing))`` over the three
+    spatial axes (``prod(shape)`` without ``target_spacing``). Like MONAI's ``CacheDataset``, only the
+    first ``int(cache_rate * len(entries))`` entries are counted.
+
+    Args:
+        entries: datalist entries (their ``image`` header is read) or :class:`ImageHeader` objects.
+        target_spacing: spacing in mm after resampling (one value for all axes, or three).
+        bytes_per_voxel: bytes per cached voxel (4 for float32).
+        cache_rate: fraction of the entries that is cached.
+
+    Returns:
+        The estimated number of bytes.
+    """
+    total = 0
+    for entry in entries[: int(cache_rate * len(entries))]:
+        header = entry if isinstance(entry, ImageHeader) else read_image_header(entry["image"])
+        shape = np.asarray(header.shape[:3], dtype=np.float64)
+        if target_spacing is not None:
+            target = np.broadcast_to(np.asarray(target_spacing, dtype=np.float64), (3,))
+            shape = np.maximum(np.round(shape * np.asarray(header.spacing[:3]) / target), 1)
+        total += math.prod(int(s) for s in shape) * bytes_per_voxel
+    return total
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable size with binary units, e.g. ``format_bytes(1288490189) == "1.2 GiB"``.
+
+    Args:
+        n: a number of bytes.
+    """
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    value, i = float(n), 0
+    while abs(value) >= 1024 and i < len(units) - 1:
+        value, i = value / 1024, i + 1
+    return f"{n} B" if i == 0 else f"{value:.1f} {units[i]}"

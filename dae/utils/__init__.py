@@ -1,0 +1,1 @@
+"""Small shared utilities: distributed helpers, checkpoints, seeding and run provenance."""

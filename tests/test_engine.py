@@ -1,0 +1,142 @@
+"""Engine pieces: schedules, parameter groups, checkpoints, RNG capture, pictures and run records."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dae.engine import WarmupCosineSchedule, orthogonal_slices_grid, param_groups, warmup_cosine
+from dae.utils.checkpoint import load_checkpoint, save_checkpoint
+from dae.utils.provenance import bundle_config_from_argv, save_run_record
+from dae.utils.seed import capture_rng_state, restore_rng_state, seed_everything
+
+
+def test_warmup_cosine_key_values():
+    kwargs = dict(base_lr=1e-3, total_steps=101, warmup_steps=10, warmup_lr=1e-5, min_lr=1e-4)
+    assert warmup_cosine(0, **kwargs) == pytest.approx(1e-5)
+    assert warmup_cosine(5, **kwargs) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert warmup_cosine(10, **kwargs) == pytest.approx(1e-3)
+    # half-way through the cosine part: the mean of base and min
+    assert warmup_cosine(55, **kwargs) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert warmup_cosine(100, **kwargs) == pytest.approx(1e-4)
+
+
+def test_schedule_drives_optimizer_per_iteration():
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    sched = WarmupCosineSchedule(opt, total_steps=5, warmup_steps=2, warmup_lr=0.0, min_lr=0.01)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.0)
+    assert lrs[1] == pytest.approx(0.05)
+    assert lrs[2] == pytest.approx(0.1)
+    assert lrs[3] == pytest.approx(0.01 + 0.5 * (0.1 - 0.01) * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[4] == pytest.approx(0.01)
+
+
+def test_schedule_rejects_bad_lengths():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="total_steps"):
+        WarmupCosineSchedule(opt, total_steps=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosineSchedule(opt, total_steps=3, warmup_steps=4)
+
+
+def test_param_groups_exempt_biases_norms_and_position_tables():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(7, 2))
+            self.frozen = nn.Linear(2, 2)
+            self.frozen.requires_grad_(False)
+
+    net = Net()
+    decay, no_decay = param_groups(net, weight_decay=0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [net.linear.weight.shape]
+    ids = {id(p) for p in no_decay["params"]}
+    assert ids == {id(net.linear.bias), id(net.norm.weight), id(net.norm.bias), id(net.relative_position_bias_table)}
+
+
+def test_checkpoint_is_atomic_and_weights_only(tmp_path):
+    path = tmp_path / "ckpt" / "latest.pt"
+    save_checkpoint({"model": {"w": torch.arange(3)}, "epoch": 2}, path)
+    save_checkpoint({"model": {"w": torch.arange(4)}, "epoch": 3}, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest.pt"]  # no temporary file left
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.arange(4))
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path):
+    path = tmp_path / "latest.pt"
+    save_checkpoint({"epoch": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint({"epoch": 2, "bad": Unpicklable()}, path)
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="expected a dict"):
+        load_checkpoint(tmp_path / "list.pt")
+
+
+def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
+    seed_everything(3)
+    state = capture_rng_state()
+    save_checkpoint({"rng": state}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), np.random.randn(), torch.rand(2))
+    seed_everything(99)
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    got = (random.random(), np.random.rand(), np.random.randn(), torch.rand(2))
+    assert got[:3] == expected[:3]
+    assert torch.equal(got[3], expected[3])
+
+
+def test_orthogonal_slices_grid_layout():
+    vol = torch.rand(1, 20, 24, 28)
+    grid = orthogonal_slices_grid([vol, vol * 0.5, vol], size=32, pad=2)
+    assert grid.shape == (1, 3 * 32 + 2 * 2, 3 * 32 + 2 * 2)
+    assert float(grid.min()) >= 0.0 and float(grid.max()) <= 1.0
+    with pytest.raises(ValueError, match="X, Y, Z"):
+        orthogonal_slices_grid([torch.rand(8, 8, 8)])
+
+
+def test_bundle_config_from_argv_merges_files_and_overrides(tmp_path):
+    base = tmp_path / "train.yaml"
+    base.write_text("epochs: 300\nchoice: all\nnetwork_def:\n  feature_size: 48\n")
+    overlay = tmp_path / "demo.yaml"
+    overlay.write_text("epochs: 12\n")
+    argv = ["run", "--config_file", f"['{base}','{overlay}']", "--choice", "denoise", "--network_def#feature_size=24"]
+    config = bundle_config_from_argv(argv)
+    assert config["epochs"] == 12
+    assert config["choice"] == "denoise"
+    assert config["network_def"]["feature_size"] == 24
+    assert bundle_config_from_argv(["run"]) is None
+
+
+def test_save_run_record_writes_config_and_versions(tmp_path):
+    save_run_record(tmp_path / "run", config={"epochs": 2, "lr": 1e-4})
+    versions = json.loads((tmp_path / "run" / "versions.json").read_text())
+    assert versions["torch"] == torch.__version__.split("+")[0]
+    assert "epochs: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    assert (tmp_path / "run" / "command.txt").read_text().strip()
