@@ -14,6 +14,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
+from dae.disruptions import embedding_channel_mask
 from dae.models.heads import ProjectionHead
 
 __all__ = ["DAEOutput", "DisruptiveAutoencoder"]
@@ -156,9 +157,6 @@ class DisruptiveAutoencoder(nn.Module):
             raise ValueError(f"embedding_mask_ratio must be in [0, 1], got {embedding_mask_ratio}")
         if embedding_mask_ratio == 0.0:
             return self._forward(x)
-
-        # Imported here so the model module does not depend on the disruption package at import time.
-        from dae.disruptions import embedding_channel_mask
 
         def mask_embedding(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
             mask = embedding_channel_mask(output.shape[1], embedding_mask_ratio, generator, output.device)
