@@ -194,9 +194,31 @@ def test_modality_mapping_is_case_insensitive(tmp_path: Path) -> None:
 def test_relative_paths_join_data_root(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     _write_nifti(tmp_path / "sub" / "vol.nii", (4, 5, 6))
+    _write_nifti(tmp_path / "sub" / "seg.nii", (4, 5, 6))
     path = _write_datalist(tmp_path, [{"image": "sub/vol.nii", "modality": "CT", "label": "sub/seg.nii"}])
     (entry,) = load_datalist(path, data_root=tmp_path)
     assert entry["image"] == str(tmp_path / "sub" / "vol.nii") and entry["label"] == str(tmp_path / "sub" / "seg.nii")
+
+
+def test_label_problems_are_named_and_default_modality_applies(tmp_path: Path) -> None:
+    _write_nifti(tmp_path / "vol.nii", (4, 5, 6))
+    _write_nifti(tmp_path / "small.nii", (4, 5, 5))
+    path = _write_datalist(
+        tmp_path,
+        [
+            {"image": "vol.nii", "label": "vol.nii"},
+            {"image": "vol.nii", "label": "nowhere.nii"},
+            {"image": "vol.nii", "label": "small.nii"},
+        ],
+    )
+    with pytest.raises(DatalistError) as err:
+        load_datalist(path, data_root=tmp_path, default_modality="CT")
+    message = str(err.value)
+    assert "[0]" not in message
+    assert "[1]" in message and "nowhere.nii does not exist" in message
+    assert "[2]" in message and "(4, 5, 5) differs from image shape (4, 5, 6)" in message
+    with pytest.raises(DatalistError, match="unknown modality None"):
+        load_datalist(path, data_root=tmp_path)
 
 
 def test_every_bad_entry_is_named_in_one_error(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from monai.networks.nets import SwinUNETR
 from torch import nn
 
 import dae.disruptions
+import dae.models.dae
 from dae.models import DAEOutput, DisruptiveAutoencoder, ProjectionHead
 from dae.utils.state_dict import LoadReport, load_state_dict_with_report, strip_prefix
 
@@ -100,7 +101,7 @@ def test_embedding_mask_zeroes_channels_and_hook_is_removed_on_error(
     def broken(*_args: object, **_kwargs: object) -> torch.Tensor:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(dae.disruptions, "embedding_channel_mask", broken)
+    monkeypatch.setattr(dae.models.dae, "embedding_channel_mask", broken)
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
         model(x[:1], embedding_mask_ratio=0.5)
     assert len(patch_embed._forward_hooks) == 0

@@ -14,21 +14,53 @@ from dae.data.datalist import (
     read_image_header,
     validate_datalist,
 )
+from dae.data.labels import (
+    BTCV_CLASSES,
+    FETA_ATLAS_TO_FETA,
+    FETA_CLASSES,
+    TOTALSEGMENTATOR_BTCV_NAMES,
+    RemapLabelsd,
+    read_totalsegmentator_classes,
+    remap_labels,
+    totalsegmentator_to_btcv,
+)
 from dae.data.readers import SimpleITKReader, find_dicom_series
+from dae.data.splits import (
+    assign_patients,
+    case_id_from_filename,
+    kfold_splits,
+    label_fraction_subset,
+    pair_images_and_labels,
+    write_fold_files,
+)
 from dae.data.transforms import ScaleIntensityByModalityd
 
 __all__ = [
+    "BTCV_CLASSES",
+    "FETA_ATLAS_TO_FETA",
+    "FETA_CLASSES",
     "GROUP_NAMES",
     "MODALITY_GROUPS",
+    "TOTALSEGMENTATOR_BTCV_NAMES",
     "DatalistError",
     "ImageHeader",
+    "RemapLabelsd",
     "ScaleIntensityByModalityd",
     "SimpleITKReader",
+    "assign_patients",
+    "case_id_from_filename",
     "estimate_cache_bytes",
     "find_dicom_series",
     "format_bytes",
+    "kfold_splits",
+    "label_fraction_subset",
     "load_datalist",
     "log_cache_estimate",
+    "pair_images_and_labels",
     "read_image_header",
+    "read_totalsegmentator_classes",
+    "remap_labels",
+    "totalsegmentator_to_btcv",
     "validate_datalist",
+    "write_fold_files",
 ]

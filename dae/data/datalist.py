@@ -139,6 +139,16 @@ def _entry_problem(entry: object, groups: Mapping[str, str], check_files: bool) 
         return f"unreadable header ({type(e).__name__}: {' '.join(str(e).split())})"
     if not header.is_3d:
         return f"not a 3D volume: shape {header.shape}"
+    if "label" in entry:
+        label_path = Path(entry["label"])
+        if not label_path.exists():
+            return f"label {label_path} does not exist"
+        try:
+            label_header = read_image_header(label_path)
+        except Exception as e:  # any reader failure means the label is unusable
+            return f"label {label_path}: unreadable header ({type(e).__name__}: {' '.join(str(e).split())})"
+        if tuple(label_header.shape[:3]) != tuple(header.shape[:3]):
+            return f"label shape {label_header.shape[:3]} differs from image shape {header.shape[:3]}"
     return None
 
 
@@ -211,6 +221,7 @@ def load_datalist(
     exclude_tags: Iterable[str] | None = None,
     modality_groups: Mapping[str, str] | None = None,
     validate: bool = True,
+    default_modality: str | None = None,
 ) -> list[dict]:
     """Load, filter and validate one list of a datalist JSON file.
 
@@ -224,6 +235,8 @@ def load_datalist(
         modality_groups: modality tag to group map; defaults to :data:`MODALITY_GROUPS`.
         validate: check that every kept image exists, has a readable header and is 3D (entry structure and
             modalities are always checked).
+        default_modality: modality of entries that have none, e.g. ``"CT"`` for MONAI-style fold files that
+            state the modality once at the top; None requires a ``modality`` in every entry.
 
     Returns:
         The kept entries (copies) with resolved paths, ``modality`` in upper case, ``modality_group``
@@ -257,6 +270,10 @@ def load_datalist(
             if isinstance(entry, dict) and isinstance(entry.get(k), str):
                 entry[k] = str(root / entry[k])  # an absolute entry path replaces the root
     entries = [e for _, e in kept]
+    if default_modality is not None:
+        for entry in entries:
+            if isinstance(entry, dict):
+                entry.setdefault("modality", default_modality)
     validate_datalist(entries, source, groups, check_files=validate, indices=[i for i, _ in kept])
     for entry in entries:
         entry["modality"] = entry["modality"].upper()

@@ -1,9 +1,9 @@
-"""The DAE pretraining loop: one readable class, used by the ``dae_pretrain`` bundle.
+"""The training loop shared by every task: one readable class that the task trainers specialise.
 
-One iteration: take a batch of clean crops, disrupt it on the device (noise, down/up-sampling, local
-masking), reconstruct it, and minimise the reconstruction loss plus the weighted cross-modal contrastive
-loss. Around that: mixed precision, gradient clipping, a per-iteration warm-up + cosine schedule, DDP,
-validation, atomic checkpoints with exact resumption, TensorBoard and a progress bar.
+A task trainer says how a batch becomes losses (:meth:`Trainer.compute_losses`) and how to validate
+(:meth:`Trainer.validate`); this class does the rest: mixed precision, gradient clipping, a per-iteration
+warm-up + cosine schedule, DDP, validation scheduling and best-model tracking, atomic checkpoints with exact
+resumption, per-iteration and per-epoch metric files, TensorBoard and a progress bar.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,67 +26,65 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from dae.disruptions import BatchDisruption
 from dae.engine.schedules import WarmupCosineSchedule
-from dae.engine.visualize import orthogonal_slices_grid
-from dae.losses import DAELoss
 from dae.utils.checkpoint import load_checkpoint, save_checkpoint
 from dae.utils.dist import all_reduce_mean, barrier, get_rank, is_distributed, is_main_process
 from dae.utils.seed import capture_rng_state, restore_rng_state, seed_everything
 
-__all__ = ["PretrainTrainer"]
+__all__ = ["AMP_DTYPES", "Trainer"]
 
 logger = logging.getLogger(__name__)
 
-_AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _VAL_SEED_OFFSET = 9973
 
 
-class PretrainTrainer:
-    """Train a :class:`~dae.models.DisruptiveAutoencoder` with the DAE objectives.
+class Trainer:
+    """Epoch loop, checkpoints and logging; subclasses define the losses and the validation.
 
     Files written to ``output_dir`` (rank 0 only):
 
-    - ``checkpoints/latest.pt`` after every epoch, ``checkpoints/best.pt`` when the validation loss improves,
-      ``checkpoints/epoch_NNNN.pt`` every ``save_interval`` epochs; each holds ``model``, ``optimizer``,
-      ``scheduler``, ``scaler``, ``epoch``, ``global_step``, ``best_val_loss`` and the generator states;
+    - ``checkpoints/latest.pt`` after every epoch, ``checkpoints/best.pt`` when the validation metric
+      improves, ``checkpoints/epoch_NNNN.pt`` every ``save_interval`` epochs; each holds ``model``,
+      ``optimizer``, ``scheduler``, ``scaler``, ``epoch``, ``global_step``, the best metric and the generator
+      states, and loads with ``torch.load(..., weights_only=True)``;
     - ``metrics/train_steps.jsonl`` (one line per iteration) and ``metrics/epochs.jsonl`` (one per epoch);
-    - ``tensorboard/`` with losses, learning rate, gradient norm, data-wait share and image grids.
+    - ``tensorboard/`` with the losses, learning rate, gradient norm, data-wait share and pictures.
 
     Args:
-        network: the model; its ``forward(x, embedding_mask_ratio, generator)`` returns reconstruction and projection.
-        loss_function: reconstruction + weighted contrastive loss.
-        disruption: the batch disruption applied on the device.
+        network: the model.
         optimizer: built over ``network``'s parameters (see :func:`dae.engine.param_groups`).
-        train_loader: yields dicts with ``image_key`` (B, C, X, Y, Z) and ``label_key`` (B,) modality labels.
+        train_loader: the training loader.
         output_dir: the run folder.
         max_epochs: epochs of the whole run (the learning-rate schedule spans them).
-        val_loader: optional validation loader, evaluated every ``val_interval`` epochs.
+        val_loader: optional validation loader, evaluated every ``val_interval`` epochs and after the last.
         device: where to train.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (with a gradient scaler).
         clip_grad: maximum gradient norm; 0 disables clipping (the norm is still logged).
         warmup_epochs: linear warm-up length in epochs (may be fractional; converted to iterations).
         warmup_lr: learning rate at the first iteration.
         min_lr: learning rate at the last iteration.
-        val_interval: validate every this many epochs (and after the last one).
+        val_interval: validate every this many epochs.
         save_interval: also keep ``epoch_NNNN.pt`` every this many epochs (0: never).
-        image_interval: write TensorBoard image grids every this many epochs (0: never).
+        image_interval: write TensorBoard pictures every this many epochs (0: never).
         log_interval: write per-iteration TensorBoard scalars every this many iterations.
-        seed: base seed of the data order, crops and disruptions (rank ``r`` uses ``seed + r``).
+        seed: base seed of the data order, augmentation and disruptions (rank ``r`` uses ``seed + r``).
         resume: continue from ``output_dir/checkpoints/latest.pt`` when it exists.
         resume_from: continue from this checkpoint instead (must exist).
-        epochs_per_run: stop this process after this many epochs (for schedulers with time limits); the
-            next launch with ``resume`` continues the same run.
-        image_key: batch key of the clean images.
-        label_key: batch key of the integer modality-group labels.
+        epochs_per_run: stop this process after this many epochs (for schedulers with time limits); the next
+            launch with ``resume`` continues the same run.
         progress: show a progress bar.
     """
+
+    #: validation metric that selects ``best.pt``, and whether lower (``"min"``) or higher is better
+    best_metric: str = "loss"
+    best_mode: str = "min"
+    #: per-epoch means whose first and last values are printed at the end of a run
+    summary_keys: tuple[str, ...] = ("loss",)
 
     def __init__(
         self,
         network: nn.Module,
-        loss_function: DAELoss,
-        disruption: BatchDisruption,
         optimizer: Optimizer,
         train_loader: DataLoader,
         output_dir: str | Path,
@@ -106,26 +104,22 @@ class PretrainTrainer:
         resume: bool = True,
         resume_from: str | Path | None = None,
         epochs_per_run: int | None = None,
-        image_key: str = "image",
-        label_key: str = "modality_label",
         progress: bool = True,
     ) -> None:
-        if amp not in _AMP_DTYPES:
-            raise ValueError(f"amp must be one of {sorted(_AMP_DTYPES)}, got {amp!r}")
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
         if len(train_loader) == 0:
             raise ValueError("the training loader yields no batch: check the datalist, batch_size and drop_last")
         self.device = torch.device(device)
         self.model = network.to(self.device)
-        self.loss_function = loss_function
-        self.disruption = disruption
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.output_dir = Path(output_dir)
         self.max_epochs = max_epochs
-        self.amp_dtype = _AMP_DTYPES[amp]
+        self.amp_dtype = AMP_DTYPES[amp]
         self.clip_grad = clip_grad
         self.val_interval = max(val_interval, 1)
         self.save_interval = save_interval
@@ -133,18 +127,8 @@ class PretrainTrainer:
         self.log_interval = max(log_interval, 1)
         self.seed = seed
         self.epochs_per_run = epochs_per_run
-        self.image_key = image_key
-        self.label_key = label_key
         self.progress = progress
         self.rank = get_rank()
-
-        if loss_function.contrastive_weight == 0 and hasattr(network, "projection"):
-            # An unused head would make DDP wait for gradients that never come.
-            network.projection.requires_grad_(False)
-        self.ddp_model: nn.Module = self.model
-        if is_distributed():
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
 
         self.steps_per_epoch = len(train_loader)
         total_steps = max_epochs * self.steps_per_epoch
@@ -156,20 +140,62 @@ class PretrainTrainer:
             min_lr=min_lr,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed + self.rank)
 
         self.epoch = 0
         self.global_step = 0
-        self.best_val_loss = math.inf
-        self._rng_to_restore: dict[str, Any] | None = None
-        self._last_images: torch.Tensor | None = None
+        self.best_value = math.inf if self.best_mode == "min" else -math.inf
+        self.writer: SummaryWriter | None = None
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.metrics_dir = self.output_dir / "metrics"
-        checkpoint = Path(resume_from) if resume_from else self.ckpt_dir / "latest.pt"
-        if resume_from or (resume and checkpoint.is_file()):
-            self.load(checkpoint)
-        self.writer: SummaryWriter | None = None
+        self._resume_path = Path(resume_from) if resume_from else self.ckpt_dir / "latest.pt"
+        self._resume = bool(resume_from) or (resume and self._resume_path.is_file())
+        self._rng_to_restore: dict[str, Any] | None = None
+        self.ddp_model: nn.Module = self.model
+
+    # ------------------------------------------------------------------ task hooks
+    def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Forward one training batch; return fp32 scalar losses, the total under ``"loss"``."""
+        raise NotImplementedError
+
+    def validate(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Validation metrics (averaged over all ranks) and pictures ``{tag: (C, H, W) tensor in [0, 1]}``."""
+        raise NotImplementedError
+
+    def train_pictures(self) -> dict[str, torch.Tensor]:
+        """Pictures of the training batch for TensorBoard (none by default)."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Task state to checkpoint besides the model, optimizer, schedule and counters."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`extra_state` saved."""
+
+    # ------------------------------------------------------------------ helpers for the hooks
+    def autocast(self) -> torch.autocast:
+        """The mixed-precision context of this run (a no-op when ``amp`` is ``"none"``)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def to_device(self, value: Any) -> torch.Tensor:
+        """A batch entry as a plain tensor on the training device (MONAI metadata dropped)."""
+        value = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
+        return value.to(self.device, non_blocking=True)
+
+    def wrap_ddp(self) -> None:
+        """Wrap the model in DDP when a process group with several ranks exists (call after freezing)."""
+        if is_distributed() and self.ddp_model is self.model:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def validation_seeding(self) -> tuple[dict[str, Any], int]:
+        """Seed everything for a validation that is the same at every call; returns the state to restore."""
+        assert self.val_loader is not None
+        outer = capture_rng_state()
+        val_seed = self.seed + _VAL_SEED_OFFSET + self.rank
+        seed_everything(val_seed)
+        set_rnd(self.val_loader.dataset, val_seed)
+        return outer, val_seed
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -181,9 +207,10 @@ class PretrainTrainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
-            "best_val_loss": self.best_val_loss,
+            "best_metric": self.best_metric,
+            "best_value": self.best_value,
             "rng": capture_rng_state(),
-            "disruption_generator": self.generator.get_state(),
+            **self.extra_state(),
         }
 
     def load(self, path: str | Path) -> None:
@@ -191,7 +218,7 @@ class PretrainTrainer:
         state = load_checkpoint(path, map_location="cpu")
         missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "global_step", "rng") if k not in state]
         if missing:
-            raise ValueError(f"{path} is not a resumable pretraining checkpoint: missing {missing}")
+            raise ValueError(f"{path} is not a resumable checkpoint of this trainer: missing {missing}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -199,15 +226,19 @@ class PretrainTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
-        self.best_val_loss = float(state.get("best_val_loss", math.inf))
-        self.generator.set_state(state["disruption_generator"])
+        if state.get("best_metric") == self.best_metric:
+            self.best_value = float(state["best_value"])
+        self.load_extra_state(state)
         self._rng_to_restore = state["rng"]
         logger.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.global_step)
 
-    def _save(self, val_loss: float | None) -> None:
-        improved = val_loss is not None and val_loss < self.best_val_loss
+    def _improved(self, value: float) -> bool:
+        return value < self.best_value if self.best_mode == "min" else value > self.best_value
+
+    def _save(self, val: dict[str, float] | None) -> None:
+        improved = val is not None and self._improved(val[self.best_metric])
         if improved:
-            self.best_val_loss = val_loss
+            self.best_value = val[self.best_metric]
         if is_main_process():
             state = self.state_dict()
             save_checkpoint(state, self.ckpt_dir / "latest.pt")
@@ -217,35 +248,10 @@ class PretrainTrainer:
                 save_checkpoint(state, self.ckpt_dir / f"epoch_{self.epoch:04d}.pt")
         barrier()
 
-    # ------------------------------------------------------------------ one step
-    def _batch(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        images = batch[self.image_key]
-        images = images.as_tensor() if hasattr(images, "as_tensor") else images
-        labels = batch.get(self.label_key)
-        if labels is None and self.loss_function.contrastive_weight > 0:
-            raise KeyError(f"the batch has no {self.label_key!r} key, needed by the contrastive loss")
-        labels = torch.as_tensor(labels).to(self.device).long() if labels is not None else None
-        return images.to(self.device, non_blocking=True).float(), labels
-
-    def _forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            disrupted = self.disruption(images, generator=generator)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.ddp_model(
-                disrupted, embedding_mask_ratio=self.disruption.embedding_mask_ratio, generator=generator
-            )
-        if labels is None:
-            labels = torch.zeros(images.shape[0], dtype=torch.long, device=self.device)
-        losses = self.loss_function(out.reconstruction, images, out.projection, labels)
-        return disrupted, out.reconstruction, losses
-
+    # ------------------------------------------------------------------ one step, one epoch
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """One optimisation step; returns the losses, learning rate and gradient norm."""
-        images, labels = self._batch(batch)
-        self._last_images = images[:1].detach()
-        _, _, losses = self._forward(images, labels, self.generator)
+        losses = self.compute_losses(batch)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -266,9 +272,8 @@ class PretrainTrainer:
         record.update(lr=lr, grad_norm=float(grad_norm))
         return record
 
-    # ------------------------------------------------------------------ epochs
     def train_epoch(self) -> dict[str, float]:
-        """One pass over the training loader; returns the epoch means."""
+        """One pass over the training loader; returns the epoch means (averaged over ranks)."""
         self.ddp_model.train()
         sampler = getattr(self.train_loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):
@@ -286,8 +291,8 @@ class PretrainTrainer:
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        tic = time.perf_counter()
         steps_file = self.metrics_dir / "train_steps.jsonl"
+        tic = time.perf_counter()
         for batch in self.train_loader:
             wait += time.perf_counter() - tic
             record = self.train_step(batch)
@@ -303,41 +308,10 @@ class PretrainTrainer:
             bar.update()
             tic = time.perf_counter()
         bar.close()
-        n = self.steps_per_epoch
-        means = {k: v / n for k, v in sums.items()}
+        means = {k: v / self.steps_per_epoch for k, v in sums.items()}
         means = {k: float(all_reduce_mean(torch.tensor(v, device=self.device))) for k, v in means.items()}
         means["data_wait_fraction"] = wait / max(time.perf_counter() - start, 1e-9)
         return means
-
-    @torch.no_grad()
-    def validate(self) -> tuple[dict[str, float], list[torch.Tensor] | None]:
-        """Mean validation losses over all ranks, with the same crops and disruptions at every call.
-
-        Returns the losses and, for the first validation sample, its clean, disrupted and reconstructed crops.
-        """
-        assert self.val_loader is not None
-        outer_rng = capture_rng_state()
-        val_seed = self.seed + _VAL_SEED_OFFSET + self.rank
-        seed_everything(val_seed)
-        set_rnd(self.val_loader.dataset, val_seed)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(val_seed)
-        self.ddp_model.eval()
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        count = torch.zeros((), device=self.device)
-        example = None
-        for batch in self.val_loader:
-            images, labels = self._batch(batch)
-            disrupted, reconstruction, losses = self._forward(images, labels, generator)
-            for key, value in losses.items():
-                sums[key] += value.detach().float() * images.shape[0]
-            count += images.shape[0]
-            if example is None:
-                example = [images[0], disrupted[0], reconstruction[0].float()]
-        restore_rng_state(outer_rng)
-        total = all_reduce_mean(count)
-        means = {k: float(all_reduce_mean(v) / total) for k, v in sums.items()}
-        return means, example
 
     # ------------------------------------------------------------------ logging
     def _log_epoch(self, train: dict[str, float], val: dict[str, float] | None, seconds: float) -> None:
@@ -345,8 +319,7 @@ class PretrainTrainer:
             return
         record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step, "seconds": seconds}
         record.update({f"train_{k}": v for k, v in train.items()})
-        if val is not None:
-            record.update({f"val_{k}": v for k, v in val.items()})
+        record.update({f"val_{k}": v for k, v in (val or {}).items()})
         with (self.metrics_dir / "epochs.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         assert self.writer is not None
@@ -355,31 +328,21 @@ class PretrainTrainer:
         for key, value in (val or {}).items():
             self.writer.add_scalar(f"val/{key}", value, self.epoch)
         self.writer.flush()
-        message = (
-            f"epoch {self.epoch}/{self.max_epochs}  train loss {train['loss']:.4f} "
-            f"(reconstruction {train['reconstruction']:.4f}, contrastive {train['contrastive']:.4f})  "
-            f"lr {train['lr']:.2e}  grad-norm {train['grad_norm']:.3f}  data-wait {train['data_wait_fraction']:.0%}"
+        special = ("loss", "lr", "grad_norm", "data_wait_fraction")
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in train.items() if k not in special)
+        message = f"epoch {self.epoch}/{self.max_epochs}  train loss {train['loss']:.4f}"
+        message += f" ({parts})" if parts else ""
+        message += (
+            f"  lr {train['lr']:.2e}  grad-norm {train['grad_norm']:.3f}  data-wait {train['data_wait_fraction']:.0%}"
         )
         if val is not None:
-            message += f"  | val loss {val['loss']:.4f} (reconstruction {val['reconstruction']:.4f})"
+            message += "  | val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "/" not in k)
         logger.info("%s  [%.1fs]", message, seconds)
 
-    @torch.no_grad()
-    def _preview(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Clean, disrupted and reconstructed crop of one training image, with a fixed-seed generator."""
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.seed)
-        was_training = self.model.training
-        self.model.eval()
-        disrupted = self.disruption(images, generator=generator)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.model(disrupted, embedding_mask_ratio=self.disruption.embedding_mask_ratio, generator=generator)
-        self.model.train(was_training)
-        return [images[0], disrupted[0], out.reconstruction[0].float()]
-
-    def _log_images(self, tag: str, volumes: Iterable[torch.Tensor]) -> None:
+    def _log_pictures(self, pictures: Mapping[str, torch.Tensor]) -> None:
         if self.writer is not None:
-            self.writer.add_image(tag, orthogonal_slices_grid(list(volumes)), self.epoch, dataformats="CHW")
+            for tag, picture in pictures.items():
+                self.writer.add_image(tag, picture, self.epoch, dataformats="CHW")
 
     def _trim_history(self) -> None:
         """Drop metric lines written after the checkpoint we resume from (a crash between two saves)."""
@@ -394,45 +357,50 @@ class PretrainTrainer:
         path = self.metrics_dir / "epochs.jsonl"
         return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
 
+    def describe(self) -> str:
+        """One line on what is being trained, for the start of the log."""
+        return f"{type(self.model).__name__}"
+
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict[str, Any]]:
         """Train until ``max_epochs`` (or ``epochs_per_run`` more epochs); returns the per-epoch history."""
+        if self._resume:
+            self.load(self._resume_path)
+            self._resume = False
         if self._rng_to_restore is not None:
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
         else:
             seed_everything(self.seed + self.rank)
+        self.wrap_ddp()
         if is_main_process():
             self.metrics_dir.mkdir(parents=True, exist_ok=True)
             self._trim_history()
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.global_step or None)
             logger.info(
-                "training %d epochs x %d iterations from epoch %d on %s (amp=%s), disruption %r, output %s",
+                "training %s for %d epochs x %d iterations from epoch %d on %s (amp=%s), output %s",
+                self.describe(),
                 self.max_epochs,
                 self.steps_per_epoch,
                 self.epoch,
                 self.device,
                 self.amp_dtype,
-                self.disruption,
                 self.output_dir,
             )
-        stop_at = (
+        last = (
             self.max_epochs if self.epochs_per_run is None else min(self.max_epochs, self.epoch + self.epochs_per_run)
         )
-        while self.epoch < stop_at:
+        while self.epoch < last:
             start = time.perf_counter()
             train = self.train_epoch()
             self.epoch += 1
-            val, example = None, None
+            val, pictures = None, {}
             if self.val_loader is not None and (self.epoch % self.val_interval == 0 or self.epoch == self.max_epochs):
-                val, example = self.validate()
+                val, pictures = self.validate()
             self._log_epoch(train, val, time.perf_counter() - start)
             if self.image_interval and self.epoch % self.image_interval == 0 and is_main_process():
-                if example is not None:
-                    self._log_images("val/clean_disrupted_reconstruction", example)
-                if self._last_images is not None:
-                    self._log_images("train/clean_disrupted_reconstruction", self._preview(self._last_images))
-            self._save(val["loss"] if val is not None else None)
+                self._log_pictures({**pictures, **self.train_pictures()})
+            self._save(val)
         if is_main_process():
             self._summarise()
             if self.writer is not None:
@@ -441,23 +409,27 @@ class PretrainTrainer:
 
     def _summarise(self) -> None:
         history = self.history()
-        if len(history) >= 1:
+        if history:
             first, last = history[0], history[-1]
-            logger.info(
-                "reconstruction loss (train): epoch %d %.4f -> epoch %d %.4f",
-                first["epoch"],
-                first["train_reconstruction"],
-                last["epoch"],
-                last["train_reconstruction"],
-            )
-            val_epochs = [h for h in history if "val_reconstruction" in h]
+            for key in self.summary_keys:
+                if f"train_{key}" in first:
+                    logger.info(
+                        "%s (train): epoch %d %.4f -> epoch %d %.4f",
+                        key,
+                        first["epoch"],
+                        first[f"train_{key}"],
+                        last["epoch"],
+                        last[f"train_{key}"],
+                    )
+            val_epochs = [h for h in history if f"val_{self.best_metric}" in h]
             if val_epochs:
                 logger.info(
-                    "reconstruction loss (validation): epoch %d %.4f -> epoch %d %.4f; best total %.4f",
+                    "%s (validation): epoch %d %.4f -> epoch %d %.4f; best %.4f",
+                    self.best_metric,
                     val_epochs[0]["epoch"],
-                    val_epochs[0]["val_reconstruction"],
+                    val_epochs[0][f"val_{self.best_metric}"],
                     val_epochs[-1]["epoch"],
-                    val_epochs[-1]["val_reconstruction"],
-                    self.best_val_loss,
+                    val_epochs[-1][f"val_{self.best_metric}"],
+                    self.best_value,
                 )
         logger.info("checkpoints in %s, TensorBoard logs in %s", self.ckpt_dir, self.output_dir / "tensorboard")

@@ -1,0 +1,115 @@
+"""Command-line tools for datalists: ``python -m dae.cli make-folds`` and ``python -m dae.cli validate-datalist``.
+
+Exit codes: 0 success, 1 bad data (unpairable files, too few patients, invalid datalist), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+from dae.data.datalist import DatalistError, load_datalist
+from dae.data.labels import BTCV_CLASSES, FETA_CLASSES
+from dae.data.splits import assign_patients, kfold_splits, pair_images_and_labels, write_fold_files
+
+__all__ = ["build_parser", "main"]
+
+_CLASSES = {"btcv": ("BTCV", BTCV_CLASSES), "feta": ("FeTA", FETA_CLASSES), "none": (None, None)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dae.cli`` argument parser with its ``make-folds`` and ``validate-datalist`` commands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dae.cli", description="dae datalist tools: make cross-validation folds, validate a datalist."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    folds = commands.add_parser(
+        "make-folds",
+        help="pair images with labels and write patient-grouped k-fold JSON files (fold_0.json, ...)",
+        description="Pair images and labels by case id (BTCV img0001/label0001, Decathlon imagesTr/labelsTr, "
+        "FeTA sub-001_rec-mial_T2w/_dseg), split them into folds with no patient in two folds, and write one "
+        "MONAI dataset_0.json-style file per fold with paths relative to the data root.",
+    )
+    folds.add_argument("--images", required=True, help="folder of the images")
+    folds.add_argument("--labels", required=True, help="folder of the labels")
+    folds.add_argument("--out", required=True, help="output folder of fold_{k}.json")
+    folds.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
+    folds.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle (default: 0)")
+    folds.add_argument(
+        "--patient-regex",
+        help="regex searched in each case id giving its patient id (first group, or the whole match), e.g. "
+        "'sub-[0-9]+'; default: every case is its own patient",
+    )
+    folds.add_argument(
+        "--data-root", help="folder the written paths are relative to (default: common parent of --images/--labels)"
+    )
+    folds.add_argument(
+        "--classes", choices=sorted(_CLASSES), default="none", help="class names written as 'labels' (default: none)"
+    )
+    folds.add_argument("--modality", default="CT", help="modality tag of every image, e.g. CT or T2 (default: CT)")
+    folds.add_argument("--image-pattern", default="*.nii.gz", help="glob of the image files (default: *.nii.gz)")
+    folds.add_argument("--label-pattern", help="glob of the label files (default: --image-pattern)")
+    folds.add_argument("--name", help="dataset name (default: from --classes, else the images folder's parent)")
+
+    check = commands.add_parser(
+        "validate-datalist",
+        help="check a datalist JSON: structure, modalities, every image a readable 3D volume, labels present",
+        description="Load a datalist with dae.data.load_datalist and report OK with counts, or every problem.",
+    )
+    check.add_argument("path", help="the datalist JSON file")
+    check.add_argument("--key", nargs="+", default=["training"], help="list(s) to check (default: training)")
+    check.add_argument("--data-root", help="folder relative paths are joined to (default: current directory)")
+    return parser
+
+
+def _make_folds(args: argparse.Namespace) -> None:
+    entries = pair_images_and_labels(args.images, args.labels, args.image_pattern, args.label_pattern)
+    entries = assign_patients(entries, args.patient_regex)
+    folds = kfold_splits(entries, n_folds=args.folds, seed=args.seed)
+    root = args.data_root or os.path.commonpath([os.path.abspath(args.images), os.path.abspath(args.labels)])
+    dataset, class_names = _CLASSES[args.classes]
+    name = args.name or dataset or os.path.basename(os.path.dirname(os.path.abspath(args.images)))
+    description = f"{name}: {args.folds}-fold cross-validation by patient, seed {args.seed} (dae.cli make-folds)"
+    paths = write_fold_files(folds, args.out, root, class_names, args.modality, name, description)
+    patients = len({e["patient"] for e in entries})
+    sizes = ", ".join(str(len(val)) for _, val in folds)
+    print(
+        f"Wrote {len(paths)} fold files to {args.out}: {len(entries)} cases, {patients} patients, "
+        f"validation sizes {sizes}."
+    )
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for key in args.key:
+        entries = load_datalist(args.path, key=key, data_root=args.data_root)
+        missing = [e["label"] for e in entries if isinstance(e.get("label"), str) and not os.path.exists(e["label"])]
+        if missing:
+            raise DatalistError(f"Datalist '{args.path}' (key '{key}'): missing label files: {', '.join(missing)}")
+        counts = Counter(e["modality"] for e in entries)
+        detail = ", ".join(f"{m}: {n}" for m, n in sorted(counts.items()))
+        print(f"OK {args.path} [{key}]: {len(entries)} entries ({detail}).")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 1 when the data are unusable (the error is printed to stderr).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "make-folds":
+            _make_folds(args)
+        else:
+            _validate(args)
+    except (DatalistError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
