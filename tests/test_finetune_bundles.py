@@ -67,10 +67,9 @@ def test_evaluate_writes_per_class_tables(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("trained", ["btcv_finetune"], indirect=True)  # both bundles share the inference code
 def test_inference_writes_labels_on_the_input_grid(trained):
     bundle, out, _ = trained
-    if bundle != "btcv_finetune":
-        pytest.skip("one bundle is enough: both share the inference code")
     run_bundle(bundle, (*TRAIN, "inference.yaml"), "--output_dir", str(out), "--infer_key", "training")
     data = REPO / "data"
     loader = LoadImage(reader=SimpleITKReader(), image_only=True)
