@@ -341,6 +341,25 @@ def test_committed_btcv_folds() -> None:
             assert entry["modality"] == "CT"
 
 
+def test_committed_feta_folds() -> None:
+    folds = [json.loads((JSONS / f"feta/fold_{k}.json").read_text()) for k in range(5)]
+    subjects = [e["image"].split("/")[0] for f in folds for e in f["validation"]]
+    assert len(subjects) == len(set(subjects)) == 80
+    assert sorted(subjects) == [f"sub-{i:03d}" for i in range(1, 81)]
+    for k, fold in enumerate(folds):
+        assert fold["fold"] == k and fold["labels"] == {str(i): c for i, c in enumerate(FETA_CLASSES)}
+        train = {e["image"].split("/")[0] for e in fold["training"]}
+        assert len(train) == fold["numTraining"] == 64 and not train & {
+            e["image"].split("/")[0] for e in fold["validation"]
+        }
+        for entry in fold["training"] + fold["validation"]:
+            sub = entry["image"].split("/")[0]
+            rec = "mial" if int(sub[4:]) <= 40 else "irtk"
+            assert entry["image"] == f"{sub}/anat/{sub}_rec-{rec}_T2w.nii.gz"
+            assert entry["label"] == f"{sub}/anat/{sub}_rec-{rec}_dseg.nii.gz"
+            assert entry["modality"] == "T2"
+
+
 @pytest.mark.parametrize(
     ("name", "n_train", "id_table"), [("btcv_demo", 2, "totalsegmentator_v2"), ("feta_demo", 3, "fetal_atlas")]
 )
