@@ -24,6 +24,7 @@ from dae.engine.trainer import AMP_DTYPES
 from dae.utils.checkpoint import load_checkpoint
 from dae.utils.dist import get_world_size, is_distributed, is_main_process
 from dae.utils.state_dict import load_state_dict_with_report
+from dae.utils.tensors import autocast, plain_tensor
 
 __all__ = [
     "evaluate_segmentation",
@@ -95,10 +96,10 @@ def evaluate_segmentation(
         image = batch[image_key]
         affine = getattr(image, "affine", None)
         spacing = None if affine is None else affine_to_spacing(affine[0] if affine.ndim == 3 else affine, r=3).tolist()
-        images = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(device).float()
+        images = plain_tensor(image).to(device).float()
         label = batch[label_key]
-        labels = (label.as_tensor() if hasattr(label, "as_tensor") else label).to(device).long()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        labels = plain_tensor(label).to(device).long()
+        with autocast(device, amp_dtype):
             logits = inferer(images, model)
         pred = logits.float().argmax(dim=1, keepdim=True)
         pred_onehot = F.one_hot(pred[:, 0], num_classes).movedim(-1, 1)

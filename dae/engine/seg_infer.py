@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from dae.engine.seg_eval import load_model_weights
 from dae.engine.trainer import AMP_DTYPES
+from dae.utils.tensors import autocast
 
 __all__ = ["run_inference"]
 
@@ -48,7 +49,7 @@ def run_inference(
     count = 0
     for batch in tqdm(loader, desc="inference", mininterval=1.0):
         images = batch[image_key].to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             batch[pred_key] = inferer(images, network).float()
         for item in decollate_batch(batch):
             postprocessing(item)

@@ -30,6 +30,7 @@ from dae.engine.schedules import WarmupCosineSchedule
 from dae.utils.checkpoint import load_checkpoint, save_checkpoint
 from dae.utils.dist import all_reduce_mean, barrier, get_rank, is_distributed, is_main_process
 from dae.utils.seed import capture_rng_state, restore_rng_state, seed_everything
+from dae.utils.tensors import autocast, plain_tensor
 
 __all__ = ["AMP_DTYPES", "Trainer"]
 
@@ -175,12 +176,11 @@ class Trainer:
     # ------------------------------------------------------------------ helpers for the hooks
     def autocast(self) -> torch.autocast:
         """The mixed-precision context of this run (a no-op when ``amp`` is ``"none"``)."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp_dtype)
 
     def to_device(self, value: Any) -> torch.Tensor:
         """A batch entry as a plain tensor on the training device (MONAI metadata dropped)."""
-        value = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
-        return value.to(self.device, non_blocking=True)
+        return plain_tensor(value).to(self.device, non_blocking=True)
 
     def wrap_ddp(self) -> None:
         """Wrap the model in DDP when a process group with several ranks exists (call after freezing)."""

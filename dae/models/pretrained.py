@@ -48,7 +48,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 
 from dae.utils.checkpoint import load_checkpoint
-from dae.utils.state_dict import LoadReport, _head, load_state_dict_with_report, strip_prefix
+from dae.utils.state_dict import LoadReport, head_keys, load_state_dict_with_report, strip_prefix
 
 __all__ = ["FORMATS", "PARTS", "PretrainedLoadReport", "init_from_pretrained", "load_pretrained_swinunetr"]
 
@@ -95,7 +95,7 @@ class PretrainedLoadReport(LoadReport):
         by_reason: dict[str, list[str]] = {}
         for key, reason in self.skipped:
             by_reason.setdefault(reason, []).append(key)
-        lines += [f"  skipped ({reason}): {_head(keys)}" for reason, keys in by_reason.items()]
+        lines += [f"  skipped ({reason}): {head_keys(keys)}" for reason, keys in by_reason.items()]
         return "\n".join(lines)
 
 
@@ -151,7 +151,7 @@ def _extract_state_dict(checkpoint: dict, path: Path) -> dict[str, torch.Tensor]
     if bad:
         raise ValueError(
             f"checkpoint {path} has no 'model' or 'state_dict' entry and is not a state dict "
-            f"(non-tensor entries: {_head(bad)})"
+            f"(non-tensor entries: {head_keys(bad)})"
         )
     return dict(state)
 
@@ -166,7 +166,9 @@ def _detect_format(keys: list[str], path: Path) -> str:
         return "monai_ssl"
     if any(k.startswith("swinViT.") for k in keys):
         return "swinunetr"
-    raise ValueError(f"cannot tell the format of checkpoint {path}; pass fmt= one of {FORMATS}. Keys: {_head(keys)}")
+    raise ValueError(
+        f"cannot tell the format of checkpoint {path}; pass fmt= one of {FORMATS}. Keys: {head_keys(keys)}"
+    )
 
 
 def _part_of(key: str) -> str | None:
@@ -237,7 +239,7 @@ def load_pretrained_swinunetr(
     if not mapped:
         raise ValueError(
             f"nothing to load from {name} (fmt={fmt!r}, parts={parts!r}): all {len(skipped)} keys skipped, "
-            f"e.g. {_head([f'{k} ({r})' for k, r in skipped])}"
+            f"e.g. {head_keys([f'{k} ({r})' for k, r in skipped])}"
         )
 
     base = load_state_dict_with_report(model, mapped, name=name)

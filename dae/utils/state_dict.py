@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["LoadReport", "load_state_dict_with_report", "strip_prefix"]
+__all__ = ["LoadReport", "head_keys", "load_state_dict_with_report", "strip_prefix"]
 
 logger = logging.getLogger(__name__)
 
 _SHOWN = 5
 
 
-def _head(keys: Sequence[object]) -> str:
+def head_keys(keys: Sequence[object]) -> str:
+    """The first few ``keys`` joined for a message, with the count of those left out."""
     shown = ", ".join(str(k) for k in keys[:_SHOWN])
     return shown + (f", ... (+{len(keys) - _SHOWN})" if len(keys) > _SHOWN else "")
 
@@ -48,9 +49,9 @@ class LoadReport:
         ]
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
-                lines.append(f"  {label}: {_head(keys)}")
+                lines.append(f"  {label}: {head_keys(keys)}")
         if self.mismatched:
-            lines.append("  shape-mismatched: " + _head([f"{k} {ck}->{mk}" for k, ck, mk in self.mismatched]))
+            lines.append("  shape-mismatched: " + head_keys([f"{k} {ck}->{mk}" for k, ck, mk in self.mismatched]))
         return "\n".join(lines)
 
 
@@ -122,7 +123,7 @@ def load_state_dict_with_report(
     if not filtered:
         raise ValueError(
             f"no key of {name} matches the module ({len(state_dict)} checkpoint keys, {len(own)} module keys); "
-            f"checkpoint keys: {_head(list(state_dict))}; module keys: {_head(list(own))}. "
+            f"checkpoint keys: {head_keys(list(state_dict))}; module keys: {head_keys(list(own))}. "
             "A prefix problem? See strip_prefix."
         )
     if strict_shapes and report.mismatched:
