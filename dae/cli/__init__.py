@@ -1,4 +1,4 @@
-"""Command-line tools for datalists: ``python -m dae.cli make-folds`` and ``python -m dae.cli validate-datalist``.
+"""Command-line tools for datalists: ``python -m dae.cli make-folds``, ``make-xray-datalist`` and ``validate-datalist``.
 
 Exit codes: 0 success, 1 bad data (unpairable files, too few patients, invalid datalist), 2 bad arguments.
 """
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dae.data.datalist import DatalistError, load_datalist
 from dae.data.labels import BTCV_CLASSES, FETA_CLASSES
 from dae.data.splits import assign_patients, kfold_splits, pair_images_and_labels, write_fold_files
+from dae.data.xray import XRAY_EXTENSIONS, make_xray_datalist
 
 __all__ = ["build_parser", "main"]
 
@@ -21,9 +22,10 @@ _CLASSES = {"btcv": ("BTCV", BTCV_CLASSES), "feta": ("FeTA", FETA_CLASSES), "non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dae.cli`` argument parser with its ``make-folds`` and ``validate-datalist`` commands."""
+    """The ``dae.cli`` argument parser: ``make-folds``, ``make-xray-datalist`` and ``validate-datalist``."""
     parser = argparse.ArgumentParser(
-        prog="python -m dae.cli", description="dae datalist tools: make cross-validation folds, validate a datalist."
+        prog="python -m dae.cli",
+        description="dae datalist tools: make cross-validation folds or an X-ray datalist, validate a datalist.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -55,9 +57,44 @@ def build_parser() -> argparse.ArgumentParser:
     folds.add_argument("--label-pattern", help="glob of the label files (default: --image-pattern)")
     folds.add_argument("--name", help="dataset name (default: from --classes, else the images folder's parent)")
 
+    xray = commands.add_parser(
+        "make-xray-datalist",
+        help="find 2D X-rays in a folder, attach CSV labels and write a patient-grouped train/validation/test datalist",
+        description="Find the images under FOLDER (recursively, sorted), attach the columns of a labels CSV (the class "
+        "column becomes an integer 'label', names in the top-level 'labels' map), split them into training, "
+        "validation and test with no group (patient) in two lists, stratified by label, and write one datalist JSON.",
+    )
+    xray.add_argument("folder", help="folder of the images")
+    xray.add_argument("--output", required=True, help="the datalist JSON to write")
+    xray.add_argument("--labels", help="CSV with one row per image (paths relative to FOLDER); default: no labels")
+    xray.add_argument("--path-column", default="path", help="CSV column of the image path (default: path)")
+    xray.add_argument("--label-column", default="label", help="CSV column of the class; '' for none (default: label)")
+    xray.add_argument(
+        "--group-column",
+        default="patient",
+        help="CSV column of the patient id; '' to split by image (default: patient; ignored without --labels)",
+    )
+    xray.add_argument("--val-fraction", type=float, default=0.15, help="fraction for validation (default: 0.15)")
+    xray.add_argument("--test-fraction", type=float, default=0.15, help="fraction for test (default: 0.15)")
+    xray.add_argument("--seed", type=int, default=0, help="seed of the group shuffle (default: 0)")
+    xray.add_argument(
+        "--extensions",
+        nargs="+",
+        default=list(XRAY_EXTENSIONS),
+        help=f"image file extensions (default: {' '.join(XRAY_EXTENSIONS)})",
+    )
+    xray.add_argument(
+        "--data-root",
+        help="folder the written paths are relative to; pass it as --data-root to validate-datalist "
+        "(default: the output file's folder)",
+    )
+    xray.add_argument("--modality", default="XR", help="modality tag of every image: XR, DX or CR (default: XR)")
+    xray.add_argument("--name", help="dataset name (default: the folder's name)")
+
     check = commands.add_parser(
         "validate-datalist",
-        help="check a datalist JSON: structure, modalities, every image a readable 3D volume, labels present",
+        help="check a datalist JSON: structure, modalities, every image a readable 3D volume (2D for X-rays), "
+        "labels present",
         description="Load a datalist with dae.data.load_datalist and report OK with counts, or every problem.",
     )
     check.add_argument("path", help="the datalist JSON file")
@@ -81,6 +118,32 @@ def _make_folds(args: argparse.Namespace) -> None:
         f"Wrote {len(paths)} fold files to {args.out}: {len(entries)} cases, {patients} patients, "
         f"validation sizes {sizes}."
     )
+
+
+def _make_xray_datalist(args: argparse.Namespace) -> None:
+    content = make_xray_datalist(
+        args.folder,
+        args.output,
+        labels=args.labels,
+        label_column=args.label_column,
+        group_column=args.group_column,
+        path_column=args.path_column,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        extensions=args.extensions,
+        data_root=args.data_root,
+        modality=args.modality,
+        name=args.name,
+    )
+    names = content.get("labels", {})
+    sizes = []
+    for key in ("training", "validation", "test"):
+        entries = content.get(key, [])
+        counts = Counter(names.get(str(e["label"]), e["label"]) for e in entries if "label" in e)
+        detail = f" ({', '.join(f'{n} {c}' for n, c in sorted(counts.items()))})" if counts else ""
+        sizes.append(f"{key} {len(entries)}{detail}")
+    print(f"Wrote {args.output}: {'; '.join(sizes)}.")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -107,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "make-folds":
             _make_folds(args)
+        elif args.command == "make-xray-datalist":
+            _make_xray_datalist(args)
         else:
             _validate(args)
     except (DatalistError, ValueError) as e:

@@ -1,4 +1,5 @@
-"""Data layer: a SimpleITK reader for MONAI, datalists with validation, and modality-aware intensity scaling."""
+"""Data layer: a SimpleITK reader for MONAI, datalists with validation, and modality-aware intensity scaling; 2D X-ray
+reading, datalists, DAX preprocessing and DINO multi-crop views."""
 
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ from dae.data.splits import (
     write_fold_files,
 )
 from dae.data.transforms import ScaleIntensityByModalityd
+from dae.data.xray import XRAY_EXTENSIONS, LoadXRayd, make_xray_datalist, read_xray
+from dae.data.xray_transforms import (
+    PREPROCESSING_NAMES,
+    DAXPreprocessd,
+    DINOMultiCrop,
+    MultiCropd,
+    RandDAXPreprocessd,
+    dax_preprocess,
+    xray_preprocessing,
+)
 
 __all__ = [
     "BTCV_CLASSES",
@@ -41,14 +52,22 @@ __all__ = [
     "FETA_CLASSES",
     "GROUP_NAMES",
     "MODALITY_GROUPS",
+    "PREPROCESSING_NAMES",
     "TOTALSEGMENTATOR_BTCV_NAMES",
+    "XRAY_EXTENSIONS",
+    "DAXPreprocessd",
+    "DINOMultiCrop",
     "DatalistError",
     "ImageHeader",
+    "LoadXRayd",
+    "MultiCropd",
+    "RandDAXPreprocessd",
     "RemapLabelsd",
     "ScaleIntensityByModalityd",
     "SimpleITKReader",
     "assign_patients",
     "case_id_from_filename",
+    "dax_preprocess",
     "estimate_cache_bytes",
     "find_dicom_series",
     "format_bytes",
@@ -56,11 +75,14 @@ __all__ = [
     "label_fraction_subset",
     "load_datalist",
     "log_cache_estimate",
+    "make_xray_datalist",
     "pair_images_and_labels",
     "read_image_header",
     "read_totalsegmentator_classes",
+    "read_xray",
     "remap_labels",
     "totalsegmentator_to_btcv",
     "validate_datalist",
     "write_fold_files",
+    "xray_preprocessing",
 ]

@@ -1,9 +1,10 @@
 """Decathlon-style datalists: loading, tag filtering, modality groups, header-only validation, cache sizing.
 
 A datalist is a JSON file ``{"training": [...], "validation": [...]}`` whose entries hold ``image`` (a NIfTI,
-NRRD or MetaImage file, or a DICOM series folder; relative to a data root or absolute), ``modality``
-(``CT``, ``MR`` or a finer MR tag such as ``T1CE`` or ``FLAIR``; case-insensitive), optional ``tags``
-(a list of strings used to pick subsets) and any other keys (e.g. ``label``), which are kept.
+NRRD or MetaImage file, or a DICOM series folder; for X-rays a 2D PNG, JPEG, TIFF or DICOM file; relative to a
+data root or absolute), ``modality`` (``CT``, ``MR`` or a finer MR tag such as ``T1CE`` or ``FLAIR``, or ``XR``
+for projection X-rays; case-insensitive), optional ``tags`` (a list of strings used to pick subsets) and any other
+keys, which are kept. A string ``label`` is a label image (a path); an integer ``label`` is a class index.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = [
     "validate_datalist",
 ]
 
-GROUP_NAMES: tuple[str, ...] = ("CT", "MR")
+GROUP_NAMES: tuple[str, ...] = ("CT", "MR", "XR")
 """Modality groups; an entry's ``modality_label`` is its group's index in this tuple."""
 
 MODALITY_GROUPS: dict[str, str] = {
@@ -48,10 +49,14 @@ MODALITY_GROUPS: dict[str, str] = {
     "DWI": "MR",
     "ADC": "MR",
     "SWI": "MR",
+    "XR": "XR",
+    "DX": "XR",
+    "CR": "XR",
 }
 """Default map from (upper-case) modality tag to modality group."""
 
 _PATH_KEYS = ("image", "label")
+_2D_GROUPS = ("XR",)
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -76,6 +81,11 @@ class ImageHeader:
         """Three spatial axes of more than one voxel (a trailing 4th axis of size 1 is allowed)."""
         shape = self.shape[:3] if len(self.shape) == 4 and self.shape[3] == 1 else self.shape
         return len(shape) == 3 and min(shape) > 1
+
+    @property
+    def is_2d(self) -> bool:
+        """Two axes of more than one pixel; further axes (a 2D DICOM's third) must have size 1."""
+        return len(self.shape) >= 2 and min(self.shape[:2]) > 1 and all(s == 1 for s in self.shape[2:])
 
 
 def read_image_header(path: str | Path) -> ImageHeader:
@@ -137,9 +147,12 @@ def _entry_problem(entry: object, groups: Mapping[str, str], check_files: bool) 
         header = read_image_header(path)
     except Exception as e:  # any reader failure means the image is unusable
         return f"unreadable header ({type(e).__name__}: {' '.join(str(e).split())})"
-    if not header.is_3d:
+    if groups[modality.upper()] in _2D_GROUPS:
+        if not header.is_2d:
+            return f"not a 2D image: shape {header.shape}"
+    elif not header.is_3d:
         return f"not a 3D volume: shape {header.shape}"
-    if "label" in entry:
+    if isinstance(entry.get("label"), str):
         label_path = Path(entry["label"])
         if not label_path.exists():
             return f"label {label_path} does not exist"
@@ -163,7 +176,8 @@ def validate_datalist(
 
     Checks: the list is not empty; each entry is an object with an ``image`` key, a known ``modality``
     and ``tags`` (if any) given as a list of strings; and, with ``check_files``, that the image exists,
-    its header can be read and it is a 3D volume. Only headers are read.
+    its header can be read and it is a 3D volume (a 2D image for X-ray modalities), and that a string ``label``
+    (a label image) exists and has the image's shape. Only headers are read.
 
     Args:
         entries: datalist entries, with ``image`` paths already resolved.
@@ -233,8 +247,8 @@ def load_datalist(
         include_tags: keep only entries having at least one of these tags (None: no restriction).
         exclude_tags: drop entries having any of these tags.
         modality_groups: modality tag to group map; defaults to :data:`MODALITY_GROUPS`.
-        validate: check that every kept image exists, has a readable header and is 3D (entry structure and
-            modalities are always checked).
+        validate: check that every kept image exists, has a readable header and is 3D (2D for X-ray
+            modalities); entry structure and modalities are always checked.
         default_modality: modality of entries that have none, e.g. ``"CT"`` for MONAI-style fold files that
             state the modality once at the top; None requires a ``modality`` in every entry.
 
