@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import resource
 import sys
 import tempfile
 import time
@@ -27,10 +24,11 @@ import monai
 import torch
 from fire.parser import DefaultParseValue
 from monai.bundle import ConfigParser
+from results_table import append_row, device_name, peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "dae_pretrain" / "configs"
-RESULTS = REPO / "benchmarks" / "results.md"
+TITLE = "## DAE pretraining throughput (`benchmarks/pretrain_throughput.py`)"
 HEADER = (
     "| date | device | torch / monai | feature_size | roi | crops/iter | amp | workers | samples/s | "
     "s/iter | peak memory | data wait | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -51,21 +49,6 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, object]]:
             parser.error(f"overrides must be '--key value' pairs, got {rest[i:]}")
         overrides[rest[i][2:]] = DefaultParseValue(rest[i + 1])
     return args, overrides
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (RSS)"
 
 
 def main() -> None:
@@ -123,26 +106,21 @@ def main() -> None:
         "data wait": wait / elapsed,
         "peak memory": peak_memory(device),
     }
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_name()})"
     print(
-        f"{device_name}: {result['samples/s']:.2f} samples/s, {result['s/iter']:.3f} s/iter, "
+        f"{device_name(device)}: {result['samples/s']:.2f} samples/s, {result['s/iter']:.3f} s/iter, "
         f"peak {result['peak memory']}, data wait {result['data wait']:.1%} over {timed_steps} iterations"
     )
     if args.no_record:
         return
     roi = parser.get_parsed_content("roi_size")
     row = (
-        f"| {datetime.date.today()} | {device_name} | {torch.__version__} / {monai.__version__} "
+        f"| {datetime.date.today()} | {device_name(device)} | {torch.__version__} / {monai.__version__} "
         f"| {parser.get_parsed_content('feature_size')} | {'x'.join(map(str, roi))} | {crops_per_iter} "
         f"| {parser.get_parsed_content('amp')} | {parser.get_parsed_content('num_workers')} "
         f"| {result['samples/s']:.2f} | {result['s/iter']:.3f} | {result['peak memory']} "
         f"| {result['data wait']:.1%} | {args.note or ' '.join(sys.argv[1:])} |\n"
     )
-    if not RESULTS.is_file() or HEADER.splitlines()[0] not in RESULTS.read_text():
-        with RESULTS.open("a") as f:
-            f.write("\n## DAE pretraining throughput (`benchmarks/pretrain_throughput.py`)\n\n" + HEADER)
-    with RESULTS.open("a") as f:
-        f.write(row)
+    append_row(TITLE, HEADER, row)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,14 @@
-"""Training engine: the shared loop, the pretraining and segmentation trainers, evaluation, schedules."""
+"""Training engine: the shared loop, the DAE pretraining, DINO and segmentation trainers, evaluation, schedules."""
 
-from dae.engine.optim import param_groups
+from dae.engine.dino import DinoTrainer, attention_picture
+from dae.engine.dino_steps import (
+    cancel_last_layer_gradients,
+    clip_gradients_per_parameter,
+    teacher_momentum,
+    update_teacher,
+)
+from dae.engine.lars import LARS
+from dae.engine.optim import OPTIMIZERS, build_optimizer, param_groups
 from dae.engine.pretrain import PretrainTrainer
 from dae.engine.schedules import WarmupCosineSchedule, warmup_cosine
 from dae.engine.seg_eval import (
@@ -17,10 +25,17 @@ from dae.engine.trainer import Trainer
 from dae.engine.visualize import orthogonal_slices_grid
 
 __all__ = [
+    "LARS",
+    "OPTIMIZERS",
+    "DinoTrainer",
     "PretrainTrainer",
     "SegmentationTrainer",
     "Trainer",
     "WarmupCosineSchedule",
+    "attention_picture",
+    "build_optimizer",
+    "cancel_last_layer_gradients",
+    "clip_gradients_per_parameter",
     "evaluate_segmentation",
     "label_overlay",
     "load_model_weights",
@@ -29,6 +44,8 @@ __all__ = [
     "run_evaluation",
     "run_inference",
     "summarise_cases",
+    "teacher_momentum",
+    "update_teacher",
     "warmup_cosine",
     "write_tables",
 ]

@@ -1,12 +1,19 @@
-"""Optimizer parameter groups."""
+"""Optimizer parameter groups and the optimizers of the DINO branch."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
+from torch.optim import Optimizer
 
-__all__ = ["param_groups"]
+from dae.engine.lars import LARS
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "param_groups"]
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -25,3 +32,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         else:
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(
+    name: str, groups: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 0.0, momentum: float = 0.9
+) -> Optimizer:
+    """Build the optimizer named ``name`` for DINO-style training, where the loop sets lr (and wd) every iteration.
+
+    Args:
+        name: ``"adamw"`` (torch defaults apart from ``lr``), ``"sgd"`` (with ``momentum``) or ``"lars"``
+            (:class:`dae.engine.lars.LARS` with ``momentum``); case-insensitive.
+        groups: parameters or parameter groups, e.g. from :func:`param_groups`.
+        lr: initial learning rate.
+        momentum: momentum of SGD and LARS (unused by AdamW).
+
+    Returns:
+        The optimizer.
+    """
+    key = name.lower()
+    if key == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if key == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if key == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")

@@ -82,6 +82,8 @@ class Trainer:
     best_mode: str = "min"
     #: per-epoch means whose first and last values are printed at the end of a run
     summary_keys: tuple[str, ...] = ("loss",)
+    #: checkpoint key of the trained network's state dict
+    model_key: str = "model"
 
     def __init__(
         self,
@@ -201,7 +203,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run exactly."""
         return {
-            "model": self.model.state_dict(),
+            self.model_key: self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -216,10 +218,11 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         """Restore the model, optimizer, scheduler, scaler, counters and generators from a checkpoint."""
         state = load_checkpoint(path, map_location="cpu")
-        missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "global_step", "rng") if k not in state]
+        required = (self.model_key, "optimizer", "scheduler", "epoch", "global_step", "rng")
+        missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"{path} is not a resumable checkpoint of this trainer: missing {missing}")
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state[self.model_key])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dae.losses.contrastive import SupervisedContrastiveLoss
 from dae.losses.dae import DAELoss
+from dae.losses.dino import DINOLoss
 from dae.losses.reconstruction import ReconstructionLoss
 
-__all__ = ["DAELoss", "ReconstructionLoss", "SupervisedContrastiveLoss"]
+__all__ = ["DAELoss", "DINOLoss", "ReconstructionLoss", "SupervisedContrastiveLoss"]

@@ -1,0 +1,87 @@
+"""LARS optimizer (You et al., 2017) as used by DINO and DAX for ResNet pretraining."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["LARS"]
+
+
+class LARS(Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (the variant of DINO, after Barlow Twins).
+
+    For every parameter ``p`` with gradient ``g`` that is not 1-D (biases and normalisation weights are)::
+
+        d = g + weight_decay * p
+        d = d * eta * ||p|| / ||d||      (the ratio is 1 when ||p|| or ||d|| is 0)
+
+    1-D parameters use ``d = g``, without decay or adaptation. Then, for all parameters::
+
+        mu = momentum * mu + d
+        p  = p - lr * mu
+
+    ``lr`` and ``weight_decay`` are read per parameter group, so a group with ``weight_decay=0`` is not decayed.
+    The learning rate defaults to 0 because the training loop sets it every iteration.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate, >= 0.
+        weight_decay: weight-decay coefficient, >= 0.
+        momentum: momentum coefficient, >= 0.
+        eta: trust coefficient, >= 0.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        eta: float = 0.001,
+    ) -> None:
+        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("eta", eta)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = param.grad
+                if param.ndim != 1:
+                    update = update.add(param, alpha=group["weight_decay"])
+                    param_norm = torch.linalg.vector_norm(param)
+                    update_norm = torch.linalg.vector_norm(update)
+                    # torch.where rather than a Python branch: no host-device synchronisation.
+                    ratio = torch.where(
+                        (param_norm > 0) & (update_norm > 0),
+                        group["eta"] * param_norm / update_norm,
+                        torch.ones_like(param_norm),
+                    )
+                    update = update.mul(ratio)
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(group["momentum"]).add_(update)
+                param.add_(buffer, alpha=-group["lr"])
+        return loss

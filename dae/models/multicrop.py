@@ -1,0 +1,51 @@
+"""DINO's multi-crop wrapper: one backbone pass per crop resolution, one head pass for all crops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MultiCropWrapper"]
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone followed by a head, applied to a list of crop batches.
+
+    The attribute names give DINO's state-dict keys ``backbone.*`` and ``head.*``.
+
+    Args:
+        backbone: maps images (B, C, H, W) to pooled features (B, D) (any H, W it supports).
+        head: maps features (B, D) to outputs (B, out_dim), e.g. :class:`~dae.models.dino_head.DINOHead`.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Run the backbone once per run of consecutive crops of equal spatial size, then the head once.
+
+        Args:
+            crops: one batch (B, C, H, W) or a list of batches, e.g. ``[global1, global2, local1, ...]`` where
+                each entry holds the same view of every image in the batch.
+
+        Returns:
+            Head outputs, shape (sum of batch sizes, out_dim), in the order of ``crops``
+            (``[g1 batch, g2 batch, l1 batch, ...]``, as the DINO loss expects).
+
+        Raises:
+            ValueError: for an empty list.
+        """
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        if not crops:
+            raise ValueError("MultiCropWrapper needs at least one crop batch")
+        groups: list[list[torch.Tensor]] = [[crops[0]]]
+        for crop in crops[1:]:
+            if crop.shape[-2:] == groups[-1][0].shape[-2:]:
+                groups[-1].append(crop)
+            else:
+                groups.append([crop])
+        features = [self.backbone(torch.cat(group)) for group in groups]
+        return self.head(torch.cat(features))

@@ -1,0 +1,192 @@
+"""Tests of the segmentation probe (`dae.evaluation.seg_probe`), end to end on slices of the embedded chest CT."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dae.evaluation.features import DinoBackboneExtractor, FeatureExtractor
+from dae.evaluation.metrics import dice_iou
+from dae.evaluation.seg_probe import LinearSegHead, UNetSegHead, _DiceIoU, run_seg_probe
+from dae.models.backbone2d import build_backbone
+
+CT_DIR = Path(__file__).resolve().parents[1] / "data" / "ct" / "chest_ct"
+LIVER, LUNGS = (5,), (10, 11, 12, 13, 14)  # TotalSegmentator v2 ids (structures.csv)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and far faster than on two when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ct_slices_dataset(
+    slices: range | list[int], size: int = 64, organs: tuple[tuple[int, ...], ...] = (LIVER, LUNGS)
+) -> list[dict[str, torch.Tensor]]:
+    """Axial slices of the embedded chest CT, HU windowed to [0, 1] and 3 channels, with organs mapped to 1..C.
+
+    Args:
+        slices: axial indices (the volume is 240 x 240 x 133 at 1.5 x 1.5 x 2.5 mm, LAS).
+        size: output side; images are area-resized, labels nearest-resized.
+        organs: TotalSegmentator ids of each class; class c + 1 is ``organs[c]``, the rest background.
+
+    Returns:
+        ``[{"image": [3, size, size] float, "label": [1, size, size] long}, ...]``.
+    """
+    ct = np.asarray(nib.load(CT_DIR / "cxr_ct_1.5mm_int16.nii.gz").dataobj)[..., list(slices)]
+    mask = np.asarray(nib.load(CT_DIR / "mask_1.5mm.nii.gz").dataobj)[..., list(slices)]
+    label = np.zeros(mask.shape, dtype=np.int64)
+    for index, ids in enumerate(organs, start=1):
+        label[np.isin(mask, ids)] = index
+    image = torch.from_numpy(np.clip((ct.astype(np.float32) + 1000.0) / 1400.0, 0.0, 1.0)).permute(2, 0, 1)[:, None]
+    image = F.interpolate(image, size=(size, size), mode="area").expand(-1, 3, -1, -1)
+    label = F.interpolate(torch.from_numpy(label).permute(2, 0, 1)[:, None].float(), size=(size, size), mode="nearest")
+    return [{"image": img.contiguous(), "label": lab.long()} for img, lab in zip(image, label)]
+
+
+class PoolExtractor(FeatureExtractor):
+    """Grid = 8x8 average pooling of the image and its square: learnable, instant features."""
+
+    embed_dim, patch_size, n_blocks = 2, 8, 1
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        grid = F.avg_pool2d(torch.cat([images[:, :1], images[:, :1] ** 2], dim=1), 8)
+        return {"cls": grid.mean(dim=(2, 3)), "patch_grid": grid, "cls_blocks": grid.mean(dim=(2, 3))[:, None]}
+
+
+class CountingLoader:
+    """A loader that counts how often it is iterated."""
+
+    def __init__(self, samples: list[dict[str, torch.Tensor]], batch_size: int) -> None:
+        self.loader = DataLoader(samples, batch_size=batch_size)
+        self.batch_size = batch_size
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def _squares(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Dark images with a bright, 8-pixel-aligned square labelled 1."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n):
+        image, label = torch.zeros(1, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long)
+        top, left = (8 * torch.randint(0, 3, (2,), generator=generator)).tolist()
+        image[:, top : top + 16, left : left + 16] = 1.0
+        label[:, top : top + 16, left : left + 16] = 1
+        samples.append({"image": image + 0.05 * torch.rand(1, 32, 32, generator=generator), "label": label})
+    return samples
+
+
+def test_heads_output_sizes_and_init() -> None:
+    grid = torch.randn(2, 16, 8, 8)
+    linear = LinearSegHead(16, 3)
+    assert linear(grid, (64, 64)).shape == (2, 3, 64, 64)
+    assert linear.conv.bias.eq(0).all() and 0.005 < float(linear.conv.weight.detach().std()) < 0.015
+    unet = UNetSegHead(16, 3, num_up_blocks=3, hidden_dim=32)
+    assert unet(grid, (64, 64)).shape == (2, 3, 64, 64)
+    assert unet(torch.randn(1, 16, 4, 6), (56, 84)).shape == (1, 3, 56, 84)  # patch 14: x8 then resized
+    with pytest.raises(ValueError, match="num_up_blocks"):
+        UNetSegHead(16, 3, num_up_blocks=0)
+
+
+def test_dice_iou_by_hand_and_like_metrics() -> None:
+    # image 0: class 1 pred 2 px, label 2 px, overlap 1 -> Dice 0.5, IoU 1/3; class 2 absent in both -> skipped
+    # image 1: class 1 absent in both -> skipped; class 2 pred 1 px, label 1 px, same -> Dice 1, IoU 1
+    pred = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 2, 0]]])
+    target = torch.tensor([[[0, 1, 1, 0]], [[0, 0, 2, 0]]])
+    meter = _DiceIoU(3)
+    meter.update(pred[:1], target[:1])
+    meter.update(pred[1:], target[1:])
+    scores = meter.compute(["bg", "a", "b"])
+    assert scores["dice"] == pytest.approx({"macro": 0.75, "a": 0.5, "b": 1.0})
+    assert scores["iou"] == pytest.approx({"macro": 2 / 3, "a": 1 / 3, "b": 1.0})
+
+    generator = torch.Generator().manual_seed(0)
+    pred, target = (
+        torch.randint(0, 4, (6, 9, 7), generator=generator),
+        torch.randint(0, 4, (6, 9, 7), generator=generator),
+    )
+    target[0] = 0
+    meter = _DiceIoU(4)
+    meter.update(pred, target)
+    ours, reference = meter.compute(list("0123")), dice_iou(pred, target, 4, class_names=list("0123"))
+    for metric in ("dice", "iou"):
+        assert ours[metric] == pytest.approx(reference[metric])
+    empty = _DiceIoU(2)
+    empty.update(torch.zeros(1, 4), torch.zeros(1, 4))
+    assert math.isnan(empty.compute(["bg", "fg"])["dice"]["macro"])
+
+
+def test_lr_selected_on_validation_only_and_test_used_once() -> None:
+    train, val, test = (
+        CountingLoader(_squares(12, 0), 4),
+        CountingLoader(_squares(6, 1), 3),
+        CountingLoader(_squares(6, 2), 3),
+    )
+    result = run_seg_probe(
+        PoolExtractor(), train, val, test, num_classes=2, learning_rates=(0.0, 0.5), epochs=10, optimizer="adamw"
+    )
+    assert set(result.val_dice) == {0.0, 0.5}
+    assert result.learning_rate == max(result.val_dice, key=result.val_dice.get) == 0.5
+    assert (train.passes, val.passes, test.passes) == (1, 1, 1)  # cached once each; test scored once
+    assert result.test["dice"]["class_1"] > 0.9
+    assert set(result.test) == {"dice", "iou"} and set(result.test["dice"]) == {"macro", "class_1"}
+    assert len(result.train_losses) == 10 and result.to_dict()["val_dice"].keys() == {"0", "0.5"}
+
+    uncached = run_seg_probe(
+        PoolExtractor(), train, val, test, 2, learning_rates=(0.5,), epochs=2, optimizer="adamw", cache_features=False
+    )
+    assert uncached.val_dice == {} and uncached.learning_rate == 0.5
+    assert (train.passes, val.passes, test.passes) == (3, 3, 2)  # 2 epochs on train + val, then one test pass
+
+    with pytest.raises(ValueError, match="decoder"):
+        run_seg_probe(PoolExtractor(), train, val, test, 2, decoder="fpn")
+    with pytest.raises(ValueError, match="labels must lie"):
+        bad = [{"image": sample["image"], "label": 2 * sample["label"]} for sample in _squares(2, 3)]
+        run_seg_probe(PoolExtractor(), DataLoader(bad, batch_size=2), val, test, 2, epochs=1)
+
+
+@pytest.mark.parametrize(
+    ("patch_size", "decoder", "optimizer", "learning_rates", "epochs"),
+    [(8, "linear", "sgd", (0.1, 1.0), 12), (16, "unet", "adamw", (1e-3,), 8)],
+)
+def test_seg_probe_on_ct_slices(
+    patch_size: int, decoder: str, optimizer: str, learning_rates: tuple[float, ...], epochs: int
+) -> None:
+    data = ct_slices_dataset(range(30, 94, 4))  # 16 slices holding lungs, liver or both
+    train, val, test = data[0::2], data[1::4], data[3::4]
+    torch.manual_seed(0)
+    extractor = DinoBackboneExtractor(build_backbone("vit_tiny", patch_size=patch_size, img_size=64), n_last_blocks=1)
+    result = run_seg_probe(
+        extractor,
+        DataLoader(train, batch_size=4),
+        DataLoader(val, batch_size=4),
+        DataLoader(test, batch_size=4),
+        num_classes=3,
+        decoder=decoder,
+        learning_rates=learning_rates,
+        epochs=epochs,
+        optimizer=optimizer,
+        class_names=["background", "liver", "lungs"],
+    )
+    # random-init features: only a loose check that the probe learns something
+    assert result.test["dice"]["lungs"] > 0.2
+    for metric in ("dice", "iou"):
+        assert set(result.test[metric]) == {"macro", "liver", "lungs"}
+        assert all(0.0 <= value <= 1.0 for value in result.test[metric].values())
