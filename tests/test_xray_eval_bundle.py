@@ -1,0 +1,82 @@
+"""End-to-end runs of the ``xray_eval`` classification configs through the real command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dae.models import DINOHead, MultiCropWrapper, backbone_config, build_backbone
+from tests.bundle_cli import REPO, run_bundle
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A 4/3/3-per-class datalist of the shipped X-rays and a DINO checkpoint of a random ViT-T/16 in our format."""
+    folder = tmp_path_factory.mktemp("xray_eval")
+    full = json.loads((REPO / "jsons" / "xray_demo.json").read_text())
+
+    def pick(split: str, n: int) -> list[dict]:
+        return [e for e in full[split] if e["label"] == 0][:n] + [e for e in full[split] if e["label"] == 1][:n]
+
+    datalist = folder / "xray_small.json"
+    datalist.write_text(
+        json.dumps(
+            {"labels": full["labels"], "training": pick("training", 4), "validation": pick("validation", 3)}
+            | {"test": pick("test", 3)}
+        )
+    )
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", patch_size=16, img_size=32)
+    wrapper = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, 32))
+    checkpoint = folder / "dino_tiny.pt"
+    torch.save({"teacher": wrapper.state_dict(), "backbone_config": backbone_config(backbone)}, checkpoint)
+    return datalist, checkpoint
+
+
+def run_eval(out: Path, small_run: tuple[Path, Path], configs: tuple[str, ...], *overrides: str) -> str:
+    datalist, checkpoint = small_run
+    common = ["--datalist", str(datalist), "--output_dir", str(out), "--image_size", "32", "--n_boot", "50"]
+    common += ["--backbones#dino_demo_vit_tiny16#checkpoint", str(checkpoint)]
+    proc = run_bundle("xray_eval", configs, *common, *overrides)
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_knn_linear_probe_and_retrieval_write_one_table(tmp_path, small_run):
+    out = tmp_path / "eval"
+    overrides = ["--probe_epochs", "2", "--learning_rates", "[0.01]", "--n_last_blocks", "[1, 4]"]
+    log = run_eval(out, small_run, ("evaluate.yaml", "demo.yaml"), *overrides)
+    assert "| backbone | protocol |" in log
+
+    rows = json.loads((out / "results.json").read_text())
+    for backbone in ("random_vit_tiny16", "dino_demo_vit_tiny16"):
+        mine = [r for r in rows if r["backbone"] == backbone]
+        assert {r["protocol"] for r in mine} == {"knn", "linear", "retrieval"}
+        for row in mine:
+            assert 0.0 <= row["value"] <= 1.0
+        for row in (r for r in mine if r["protocol"] in ("knn", "linear")):
+            assert row["low"] <= row["value"] <= row["high"]
+        for name in ("linear_probe_roc", "retrieval", "patch_pca"):
+            assert (out / "pictures" / f"{backbone}_{name}.png").is_file()
+        test_features = torch.load(out / "features" / backbone / "test.pt", weights_only=True)
+        assert len(test_features["ids"]) == 6
+    assert (out / "results.csv").is_file() and (out / "results.md").is_file()
+
+
+@pytest.mark.slow
+def test_finetune_flag_false_string_trains_the_head_only(tmp_path, small_run):
+    out = tmp_path / "finetune"
+    run_eval(
+        out,
+        small_run,
+        ("evaluate.yaml", "demo.yaml", "finetune.yaml"),
+        "--fine_tune",
+        "'False'",
+        "--finetune_epochs",
+        "1",
+    )
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["protocol"] for r in rows} == {"frozen_head"}  # "False" is false, not a non-empty string
