@@ -38,22 +38,31 @@ def run_dino(out: Path, datalist: Path, *overrides: str, configs=DEMO, launcher=
 
 
 @pytest.mark.slow
-def test_two_step_run_writes_a_loadable_checkpoint_and_pictures(tmp_path, small_datalist):
-    out = tmp_path / "run"
-    log = run_dino(out, small_datalist, "--epochs", "1", "--warmup_teacher_temp_epochs", "0")
+def test_run_resume_checkpoint_and_pictures(tmp_path, small_datalist):
+    """2 epochs of 2 iterations straight, and 1 + resume + 1: the same curve; the checkpoint loads as a backbone."""
+    common = ("--epochs", "2", "--warmup_teacher_temp_epochs", "1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    log = run_dino(straight, small_datalist, *common)
     assert "knn_top1 (validation)" in log
-    steps = read_jsonl(out / "metrics" / "train_steps.jsonl")
-    assert [s["step"] for s in steps] == [1, 2]
+    run_dino(split, small_datalist, *common, "--epochs_per_run", "1", "--knn_monitor", "false")
+    log = run_dino(split, small_datalist, *common, "--knn_monitor", "false")
+    assert "resumed from" in log
+    a, b = read_jsonl(straight / "metrics" / "train_steps.jsonl"), read_jsonl(split / "metrics" / "train_steps.jsonl")
+    assert [s["step"] for s in a] == [s["step"] for s in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["teacher_entropy"] == pytest.approx(y["teacher_entropy"], abs=1e-5)
     for key in ("loss", "lr", "wd", "momentum", "teacher_entropy", "teacher_kl_uniform", "grad_norm"):
-        assert all(torch.isfinite(torch.tensor(s[key])) for s in steps), key
-    assert steps[0]["uniform_loss"] == pytest.approx(torch.log(torch.tensor(1024.0)).item(), abs=1e-4)
+        assert all(torch.isfinite(torch.tensor(s[key])) for s in a), key
+    assert a[0]["uniform_loss"] == pytest.approx(torch.log(torch.tensor(1024.0)).item(), abs=1e-4)
 
-    path = out / "checkpoints" / "latest.pt"
+    path = straight / "checkpoints" / "latest.pt"
     state = load_checkpoint(path)  # weights_only=True
     assert {"student", "teacher", "optimizer", "scaler", "epoch", "dino_loss", "backbone_config", "args"} <= set(state)
-    assert state["epoch"] == 1 and state["args"]["arch"] == "vit_tiny"
+    assert state["epoch"] == 2 and state["args"]["arch"] == "vit_tiny"
     assert state["dino_loss"]["center"].shape == (1, 1024)
     assert "head.last_layer.parametrizations.weight.original0" in state["teacher"]
+    assert (straight / "checkpoints" / "best.pt").is_file()
 
     backbone, report = load_backbone(path)  # architecture from the checkpoint, teacher weights by default
     assert report.loaded and not report.missing
@@ -62,26 +71,11 @@ def test_two_step_run_writes_a_loadable_checkpoint_and_pictures(tmp_path, small_
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(str(straight / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert {"train/crops_global_then_local", "val/teacher_last_layer_attention"} <= set(events.Tags()["images"])
     assert {"train/loss", "train/wd", "train/momentum", "train/teacher_entropy", "val/knn_top1"} <= set(
         events.Tags()["scalars"]
     )
-
-
-@pytest.mark.slow
-def test_resume_continues_the_same_curve(tmp_path, small_datalist):
-    common = ("--epochs", "2", "--warmup_teacher_temp_epochs", "1", "--knn_monitor", "false")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_dino(straight, small_datalist, *common)
-    run_dino(split, small_datalist, *common, "--epochs_per_run", "1")
-    log = run_dino(split, small_datalist, *common)
-    assert "resumed from" in log
-    a, b = read_jsonl(straight / "metrics" / "train_steps.jsonl"), read_jsonl(split / "metrics" / "train_steps.jsonl")
-    assert [s["step"] for s in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
-        assert x["teacher_entropy"] == pytest.approx(y["teacher_entropy"], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -200,3 +200,21 @@ def test_centre_is_averaged_over_two_processes(tmp_path: Path) -> None:
     expected = torch.tensor([[0.0, 0.2, 0.3]])
     for centre in centres:
         torch.testing.assert_close(centre, expected)
+
+
+def test_collapse_warnings_use_the_teacher_distribution_not_the_loss(caplog):
+    from types import SimpleNamespace
+
+    from dae.engine.dino import DinoTrainer
+
+    trainer = SimpleNamespace(epoch=0)
+    base = {"loss": math.log(1024), "uniform_loss": math.log(1024), "teacher_entropy": 6.0}
+    with caplog.at_level("WARNING"):
+        # loss at ln K, but a sharp teacher and a flat student: no collapse
+        DinoTrainer._warn_collapse(trainer, {**base, "teacher_kl_uniform": 0.9})
+        assert not caplog.records
+        DinoTrainer._warn_collapse(trainer, {**base, "teacher_kl_uniform": 0.01})
+        assert "uniform collapse" in caplog.text
+        caplog.clear()
+        DinoTrainer._warn_collapse(trainer, {**base, "teacher_kl_uniform": 6.9, "teacher_entropy": 0.01})
+        assert "one-hot" in caplog.text

@@ -45,38 +45,24 @@ def run_eval(out: Path, small_run: tuple[Path, Path], configs: tuple[str, ...], 
 
 
 @pytest.mark.slow
-def test_knn_linear_probe_and_retrieval_write_one_table(tmp_path, small_run):
+def test_all_protocols_write_one_table(tmp_path, small_run):
     out = tmp_path / "eval"
     overrides = ["--probe_epochs", "2", "--learning_rates", "[0.01]", "--n_last_blocks", "[1, 4]"]
+    overrides += ["--protocols", "['knn', 'linear_probe', 'retrieval', 'finetune']", "--finetune_epochs", "1"]
+    overrides += ["--fine_tune", "'False'"]  # a string, as from a YAML or shell: must mean false
     log = run_eval(out, small_run, ("evaluate.yaml", "demo.yaml"), *overrides)
     assert "| backbone | protocol |" in log
 
     rows = json.loads((out / "results.json").read_text())
     for backbone in ("random_vit_tiny16", "dino_demo_vit_tiny16"):
         mine = [r for r in rows if r["backbone"] == backbone]
-        assert {r["protocol"] for r in mine} == {"knn", "linear", "retrieval"}
+        assert {r["protocol"] for r in mine} == {"knn", "linear", "retrieval", "frozen_head"}
         for row in mine:
             assert 0.0 <= row["value"] <= 1.0
-        for row in (r for r in mine if r["protocol"] in ("knn", "linear")):
+        for row in (r for r in mine if r["protocol"] in ("knn", "linear", "frozen_head")):
             assert row["low"] <= row["value"] <= row["high"]
         for name in ("linear_probe_roc", "retrieval", "patch_pca"):
             assert (out / "pictures" / f"{backbone}_{name}.png").is_file()
         test_features = torch.load(out / "features" / backbone / "test.pt", weights_only=True)
         assert len(test_features["ids"]) == 6
     assert (out / "results.csv").is_file() and (out / "results.md").is_file()
-
-
-@pytest.mark.slow
-def test_finetune_flag_false_string_trains_the_head_only(tmp_path, small_run):
-    out = tmp_path / "finetune"
-    run_eval(
-        out,
-        small_run,
-        ("evaluate.yaml", "demo.yaml", "finetune.yaml"),
-        "--fine_tune",
-        "'False'",
-        "--finetune_epochs",
-        "1",
-    )
-    rows = json.loads((out / "results.json").read_text())
-    assert {r["protocol"] for r in rows} == {"frozen_head"}  # "False" is false, not a non-empty string

@@ -159,7 +159,7 @@ def retrieval_figure(
         for j in range(indices.shape[1]):
             g = int(indices[r, j])
             label = gallery_labels[g] if gallery_labels is not None else None
-            panels.append((gallery_images[g], f"sim {float(sims[r, j]):.3f}", label))
+            panels.append((gallery_images[g], f"sim {float(sims[r, j]):.5f}", label))
         for ax, (image, caption, label) in zip(axes[r], panels):
             image = image.detach().float().clamp(0, 1).cpu()
             if image.shape[0] == 1:
