@@ -17,18 +17,13 @@ Examples (GPU)::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import monai
 import torch
-from fire.parser import DefaultParseValue
-from monai.bundle import ConfigParser
-from results_table import append_row, device_name, peak_memory
+from common import append_row, device_name, parse_args, parse_bundle, peak_memory, time_training
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "dino_xray" / "configs"
@@ -39,84 +34,26 @@ HEADER = (
 )
 
 
-def parse_args() -> tuple[argparse.Namespace, dict[str, object]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_file", nargs="+", default=[str(CONFIGS / "train.yaml")])
-    parser.add_argument("--steps", type=int, default=20, help="timed iterations")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
-    parser.add_argument("--note", default="", help="free text for the results table")
-    parser.add_argument("--no_record", action="store_true", help="do not append to benchmarks/results.md")
-    args, rest = parser.parse_known_args()
-    overrides: dict[str, object] = {}
-    for i in range(0, len(rest), 2):
-        if not rest[i].startswith("--") or i + 1 >= len(rest):
-            parser.error(f"overrides must be '--key value' pairs, got {rest[i:]}")
-        overrides[rest[i][2:]] = DefaultParseValue(rest[i + 1])
-    return args, overrides
-
-
 def main() -> None:
-    args, overrides = parse_args()
-    parser = ConfigParser()
-    parser.read_config(args.config_file)
-    parser["output_dir"] = tempfile.mkdtemp(prefix="dino_bench_")
-    parser["resume"] = False
-    parser["knn_monitor"] = False
-    for key, value in overrides.items():
-        parser[key] = value
-    parser.parse()
-
-    from dae.engine import DinoTrainer  # after the config is parsed: its imports set up the package
-
-    trainer: DinoTrainer = parser.get_parsed_content("trainer")
-    device = trainer.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    trainer.model.train()
-    done, timed_steps, wait, images = 0, 0, 0.0, 0
-    start = None
-    while done < args.warmup + args.steps:
-        tic = time.perf_counter()
-        for batch in trainer.train_loader:
-            sync()
-            got = time.perf_counter()
-            if done == args.warmup:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                start, wait, images, timed_steps = got, 0.0, 0, 0
-            elif done > args.warmup:
-                wait += got - tic
-            trainer.train_step(batch)
-            sync()
-            done += 1
-            if done > args.warmup:
-                timed_steps += 1
-                images += batch["crops"][0].shape[0]
-            if done >= args.warmup + args.steps:
-                break
-            tic = time.perf_counter()
-    assert start is not None
-    elapsed = time.perf_counter() - start
-    memory = peak_memory(device)
+    args, overrides = parse_args(__doc__, [str(CONFIGS / "train.yaml")])
+    parser = parse_bundle(args.config_file, overrides, knn_monitor=False)
+    get = parser.get_parsed_content
+    trainer = get("trainer")
+    timing = time_training(trainer, args.steps, args.warmup, lambda batch: batch["crops"][0].shape[0])
+    device, memory = trainer.device, peak_memory(trainer.device)
     print(
-        f"{device_name(device)}: {images / elapsed:.1f} images/s, {elapsed / timed_steps:.3f} s/iter, peak {memory}, "
-        f"data wait {wait / elapsed:.1%} over {timed_steps} iterations"
+        f"{device_name(device)}: {timing.per_second:.1f} images/s, {timing.per_step:.3f} s/iter, peak {memory}, "
+        f"data wait {timing.data_wait:.1%} over {timing.steps} iterations"
     )
     if args.no_record:
         return
-    get = parser.get_parsed_content
     arch = get("arch") + (f"/{get('patch_size')}" if get("arch").startswith("vit") else "")
     crops = f"2x{get('global_crop_size')} + {get('local_crops_number')}x{get('local_crop_size')}"
     row = (
         f"| {datetime.date.today()} | {device_name(device)} | {torch.__version__} / {monai.__version__} "
-        f"| {arch} | {crops} "
-        f"| {get('out_dim')} | {get('batch_size')} | {get('amp')} | {get('num_workers')} | {images / elapsed:.1f} "
-        f"| {elapsed / timed_steps:.3f} | {memory} | {wait / elapsed:.1%} | {args.note or ' '.join(sys.argv[1:])} |\n"
+        f"| {arch} | {crops} | {get('out_dim')} | {get('batch_size')} | {get('amp')} | {get('num_workers')} "
+        f"| {timing.per_second:.1f} | {timing.per_step:.3f} | {memory} | {timing.data_wait:.1%} "
+        f"| {args.note or ' '.join(sys.argv[1:])} |\n"
     )
     append_row(TITLE, HEADER, row)
 

@@ -17,13 +17,7 @@ from dae.models.multicrop import MultiCropWrapper
 OUT_DIM = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The models are tiny: on a shared 2-core machine intra-op threads mostly wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _wrapper(arch: str = "vit_tiny", use_bn: bool = False, seed: int = 0) -> MultiCropWrapper:

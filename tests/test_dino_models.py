@@ -12,14 +12,7 @@ from dae.models.multicrop import MultiCropWrapper
 from dae.models.resnet import ResNet2D
 from dae.models.vit import VisionTransformer2D
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The models are tiny: on a shared 2-core machine intra-op threads mostly wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _num_params(model: torch.nn.Module) -> int:

@@ -29,13 +29,7 @@ from dae.evaluation import (
 DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tensors here are tiny: extra intra-op threads only add overhead, and a lot of it on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_set(

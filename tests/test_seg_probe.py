@@ -21,13 +21,7 @@ CT_DIR = Path(__file__).resolve().parents[1] / "data" / "ct" / "chest_ct"
 LIVER, LUNGS = (5,), (10, 11, 12, 13, 14)  # TotalSegmentator v2 ids (structures.csv)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ct_slices_dataset(

@@ -48,6 +48,7 @@ __all__ = [
     "build_extractor",
     "extract_features",
     "pca_rgb",
+    "unpack_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ def build_extractor(spec: Mapping[str, Any]) -> FeatureExtractor:
     return extractor.eval()
 
 
-def _unpack(batch: Any, image_key: str, label_key: str | None) -> tuple[torch.Tensor, Any]:
+def unpack_batch(batch: Any, image_key: str, label_key: str | None) -> tuple[torch.Tensor, Any]:
     """Images and labels (or None) of a dict batch or an ``(images, labels, ...)`` tuple batch."""
     if isinstance(batch, Mapping):
         if image_key not in batch:
@@ -409,7 +410,7 @@ def extract_features(
     labels: list[torch.Tensor] = []
     ids: list[str] = []
     for batch in loader:
-        images, batch_labels = _unpack(batch, image_key, label_key)
+        images, batch_labels = unpack_batch(batch, image_key, label_key)
         images = plain_tensor(images).to(device)
         with autocast(device, amp_dtype):
             out = extractor(images)

@@ -27,6 +27,7 @@ from torch.optim import SGD
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader
 
+from dae.evaluation.features import unpack_batch
 from dae.evaluation.featureset import FeatureSet
 from dae.evaluation.metrics import accuracy, auroc, bootstrap_samples
 
@@ -533,12 +534,6 @@ class FinetuneResult:
         )
 
 
-def _unpack(batch: Any, image_key: str, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, dict):
-        return batch[image_key], batch[label_key]
-    return batch[0], batch[1]
-
-
 def _targets(labels: Any, multilabel: bool, device: torch.device) -> torch.Tensor:
     labels = torch.as_tensor(labels).to(device)
     if multilabel:
@@ -571,7 +566,7 @@ def _predict_loader(
     model.eval()
     scores, labels = [], []
     for batch in loader:
-        images, y = _unpack(batch, image_key, label_key)
+        images, y = unpack_batch(batch, image_key, label_key)
         scores.append(_probabilities(model(images.to(device)), multilabel).cpu())
         labels.append(_targets(y, multilabel, torch.device("cpu")))
     return torch.cat(scores), torch.cat(labels)
@@ -639,7 +634,7 @@ def run_finetune(
     device = torch.device(device)
     model.to(device)
     if feature_dim is None:
-        images, _ = _unpack(next(iter(train_loader)), image_key, label_key)
+        images, _ = unpack_batch(next(iter(train_loader)), image_key, label_key)
         model.eval()
         with torch.no_grad():
             feature_dim = model(images[:1].to(device)).shape[1]
@@ -658,7 +653,7 @@ def run_finetune(
         classifier.train()
         total, count = 0.0, 0
         for batch in train_loader:
-            images, labels = _unpack(batch, image_key, label_key)
+            images, labels = unpack_batch(batch, image_key, label_key)
             targets = _targets(labels, multilabel, device)
             loss = _loss(classifier(images.to(device)), targets, multilabel)
             optimizer.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ from dae.evaluation.linear_probe import (
 from dae.evaluation.report import format_table, roc_figure, save_figure, write_results
 from dae.evaluation.retrieval import precision_at_k, retrieve, save_retrieval_figure
 
-__all__ = ["PROTOCOLS", "BackboneInput", "evaluate_backbones"]
+__all__ = ["PROTOCOLS", "BackboneInput", "adapted_extractor", "evaluate_backbones"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,16 @@ def _input_channels(extractor: nn.Module) -> int:
         if isinstance(module, nn.Conv2d):
             return module.in_channels
     return 3
+
+
+def adapted_extractor(spec: Mapping[str, Any]) -> _Adapted:
+    """The feature extractor of a backbone spec behind the input adapter its ``input_size``/``mean``/``std`` ask for.
+
+    The result is in eval mode; its ``adapt`` is the :class:`BackboneInput` and its ``module`` the extractor.
+    """
+    extractor = build_extractor({k: v for k, v in spec.items() if k not in INPUT_KEYS})
+    adapt = BackboneInput(_input_channels(extractor), *(spec.get(k) for k in INPUT_KEYS))
+    return _Adapted(adapt, extractor).eval()
 
 
 def _features(
@@ -253,11 +263,8 @@ def evaluate_backbones(
     writer = SummaryWriter(str(out / "tensorboard"))
     try:
         for name, full_spec in backbones.items():
-            spec = {k: v for k, v in full_spec.items() if k not in INPUT_KEYS}
-            extractor = build_extractor(spec)
-            adapt = BackboneInput(_input_channels(extractor), *(full_spec.get(k) for k in INPUT_KEYS))
-            model = _Adapted(adapt, extractor).to(device).eval()
-            logger.info("backbone %s: %s", name, spec)
+            model = adapted_extractor(full_spec).to(device)
+            logger.info("backbone %s: %s", name, dict(full_spec))
             kw = {"image_key": image_key, "label_key": label_key, "device": device, "amp_dtype": amp_dtype}
             sets = _features(name, model, loaders, class_names, out, **kw)
             found: list[dict[str, Any]] = []

@@ -41,9 +41,9 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from dae.evaluation.features import FeatureExtractor, _unpack, build_extractor
+from dae.evaluation.features import FeatureExtractor, unpack_batch
 from dae.evaluation.report import format_table, save_figure, write_results
-from dae.evaluation.runner import INPUT_KEYS, SPLITS, BackboneInput, _Adapted, _input_channels
+from dae.evaluation.runner import SPLITS, adapted_extractor
 from dae.utils.tensors import autocast, plain_tensor
 
 __all__ = ["DECODERS", "LinearSegHead", "SegProbeResult", "UNetSegHead", "evaluate_seg_probe", "run_seg_probe"]
@@ -236,7 +236,7 @@ class _GridSource:
 
     def _stream(self) -> Iterator[Batch]:
         for batch in chain.from_iterable(self._loaders):
-            images, labels = _unpack(batch, *self._keys)
+            images, labels = unpack_batch(batch, *self._keys)
             if labels is None:
                 raise ValueError("the segmentation probe needs labels in every batch")
             yield self._grids(plain_tensor(images)), _labels(labels, self.num_classes)
@@ -458,7 +458,7 @@ def _first_samples(
     """The first ``n`` images ``[n, C, H, W]`` and labels ``[n, 1, H, W]`` of a loader."""
     images, labels = [], []
     for batch in loader:
-        image, label = _unpack(batch, image_key, label_key)
+        image, label = unpack_batch(batch, image_key, label_key)
         images.append(plain_tensor(image).float())
         labels.append(_labels(label, num_classes))
         if sum(len(i) for i in images) >= n:
@@ -583,11 +583,8 @@ def evaluate_seg_probe(
     writer = SummaryWriter(str(out / "tensorboard"))
     try:
         for name, full_spec in backbones.items():
-            spec = {k: v for k, v in full_spec.items() if k not in INPUT_KEYS}
-            extractor = build_extractor(spec)
-            adapt = BackboneInput(_input_channels(extractor), *(full_spec.get(k) for k in INPUT_KEYS))
-            model = _Adapted(adapt, extractor)
-            logger.info("backbone %s: %s", name, spec)
+            model = adapted_extractor(full_spec)
+            logger.info("backbone %s: %s", name, dict(full_spec))
             result = run_seg_probe(
                 model,
                 loaders["training"],
