@@ -390,3 +390,20 @@ def test_shipped_xray_datalist() -> None:
     assert not patients["validation"] & patients["test"]
     # a few full validations (header read, 2-D check) without paying for all 1201 files
     load_datalist(XRAY_LIST, key="test", data_root=DATA)
+
+
+def test_read_class_names_in_index_order_and_named_errors(tmp_path):
+    from dae.data import DatalistError, read_class_names
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"labels": {"1": "PNEUMONIA", "0": "NORMAL"}, "training": []}))
+    assert read_class_names(good) == ["NORMAL", "PNEUMONIA"]
+    assert read_class_names(REPO / "jsons" / "xray_demo.json") == ["NORMAL", "PNEUMONIA"]
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"training": []}))
+    with pytest.raises(DatalistError, match=r"missing\.json has no top-level 'labels'"):
+        read_class_names(missing)
+    gap = tmp_path / "gap.json"
+    gap.write_text(json.dumps({"labels": {"0": "a", "2": "b"}}))
+    with pytest.raises(DatalistError, match=r"must be 0\.\.1"):
+        read_class_names(gap)

@@ -12,6 +12,7 @@ from dae.data.datalist import (
     estimate_cache_bytes,
     format_bytes,
     load_datalist,
+    read_class_names,
     read_image_header,
     validate_datalist,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "log_cache_estimate",
     "make_xray_datalist",
     "pair_images_and_labels",
+    "read_class_names",
     "read_image_header",
     "read_totalsegmentator_classes",
     "read_xray",

@@ -29,6 +29,7 @@ __all__ = [
     "estimate_cache_bytes",
     "format_bytes",
     "load_datalist",
+    "read_class_names",
     "read_image_header",
     "validate_datalist",
 ]
@@ -294,6 +295,30 @@ def load_datalist(
         entry["modality_group"] = groups[entry["modality"]]
         entry["modality_label"] = GROUP_NAMES.index(entry["modality_group"])
     return entries
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """The class names of a datalist's top-level ``labels`` map (``{"0": "NORMAL", "1": "PNEUMONIA"}``), in index order.
+
+    Raises:
+        DatalistError: when the file has no ``labels`` map or its keys are not the indices 0, 1, ... (naming the
+            file and the keys found).
+    """
+    path = Path(path)
+    content = json.loads(path.read_text())
+    labels = content.get("labels") if isinstance(content, Mapping) else None
+    if not isinstance(labels, Mapping) or not labels:
+        raise DatalistError(
+            f"datalist {path} has no top-level 'labels' map of class index to name, e.g. "
+            '{"labels": {"0": "NORMAL", "1": "PNEUMONIA"}}; python -m dae.cli make-xray-datalist writes one'
+        )
+    try:
+        indices = sorted(int(key) for key in labels)
+    except ValueError:
+        indices = []
+    if indices != list(range(len(labels))):
+        raise DatalistError(f"datalist {path}: the 'labels' keys must be 0..{len(labels) - 1}, got {list(labels)}")
+    return [str(labels[str(i)]) for i in indices]
 
 
 def estimate_cache_bytes(
