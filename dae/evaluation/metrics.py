@@ -24,6 +24,8 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_samples",
     "dice_iou",
+    "dice_iou_from_counts",
+    "overlap_counts",
     "roc_curves",
 ]
 
@@ -248,6 +250,54 @@ def roc_curves(scores: ArrayLike, labels: ArrayLike, class_names: Sequence[str] 
     return curves
 
 
+def overlap_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and class, the intersection and the summed sizes of prediction and target.
+
+    Args:
+        pred: ``[N, ...]`` predicted class indices.
+        target: ``[N, ...]`` true class indices, the same shape.
+        num_classes: number of classes, background (index 0) included.
+
+    Returns:
+        ``(intersections, totals)``, each ``[N, num_classes]`` float64 on the CPU, where ``totals`` is
+        ``|pred == c| + |target == c|``; what :func:`dice_iou_from_counts` reduces.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if pred.ndim < 2:
+        raise ValueError("pred and target must be [N, ...] batches of label maps")
+    p = pred.reshape(pred.shape[0], -1).long()
+    t = target.reshape(target.shape[0], -1).long()
+    if p.numel() and (min(int(p.min()), int(t.min())) < 0 or max(int(p.max()), int(t.max())) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    offsets = torch.arange(p.shape[0], device=p.device)[:, None] * num_classes * num_classes
+    confusion = torch.bincount((offsets + t * num_classes + p).flatten(), minlength=p.shape[0] * num_classes**2)
+    confusion = confusion.reshape(-1, num_classes, num_classes).double().cpu()
+    return confusion.diagonal(dim1=1, dim2=2), confusion.sum(dim=1) + confusion.sum(dim=2)
+
+
+def dice_iou_from_counts(
+    intersections: torch.Tensor,
+    totals: torch.Tensor,
+    class_names: Sequence[str],
+    ignore_background: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Dice and IoU per class and macro-averaged from :func:`overlap_counts` (see :func:`dice_iou`)."""
+    out: dict[str, dict[str, float]] = {"dice": {}, "iou": {}}
+    for c in range(1 if ignore_background else 0, intersections.shape[1]):
+        present = totals[:, c] > 0
+        if present.any():
+            inter, total = intersections[present, c], totals[present, c]
+            out["dice"][class_names[c]] = float((2 * inter / total).mean())
+            out["iou"][class_names[c]] = float((inter / (total - inter)).mean())
+        else:
+            out["dice"][class_names[c]] = out["iou"][class_names[c]] = math.nan
+    for key in ("dice", "iou"):
+        defined = [v for v in out[key].values() if not math.isnan(v)]
+        out[key] = {"macro": float(np.mean(defined)) if defined else math.nan, **out[key]}
+    return out
+
+
 def dice_iou(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -273,29 +323,7 @@ def dice_iou(
     Returns:
         ``{"dice": {"macro": ..., <class>: ...}, "iou": {...}}``.
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    if pred.ndim < 2:
-        raise ValueError("pred and target must be [N, ...] batches of label maps")
     names = list(class_names) if class_names else [f"class_{c}" for c in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    p = pred.reshape(pred.shape[0], -1).long()
-    t = target.reshape(target.shape[0], -1).long()
-    if p.numel() and (min(int(p.min()), int(t.min())) < 0 or max(int(p.max()), int(t.max())) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes})")
-    out: dict[str, dict[str, float]] = {"dice": {}, "iou": {}}
-    for c in range(1 if ignore_background else 0, num_classes):
-        pc, tc = p == c, t == c
-        inter = (pc & tc).sum(1).double()
-        total = pc.sum(1).double() + tc.sum(1).double()
-        present = total > 0
-        if present.any():
-            out["dice"][names[c]] = float((2 * inter[present] / total[present]).mean())
-            out["iou"][names[c]] = float((inter[present] / (total[present] - inter[present])).mean())
-        else:
-            out["dice"][names[c]] = out["iou"][names[c]] = math.nan
-    for key in ("dice", "iou"):
-        defined = [v for v in out[key].values() if not math.isnan(v)]
-        out[key] = {"macro": float(np.mean(defined)) if defined else math.nan, **out[key]}
-    return out
+    return dice_iou_from_counts(*overlap_counts(pred, target, num_classes), names, ignore_background)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from dae.evaluation.features import FeatureExtractor, unpack_batch
+from dae.evaluation.metrics import dice_iou_from_counts, overlap_counts
 from dae.evaluation.report import format_table, save_figure, write_results
 from dae.evaluation.runner import SPLITS, adapted_extractor
 from dae.utils.tensors import autocast, plain_tensor
@@ -159,7 +160,7 @@ class SegProbeResult:
 
 
 class _DiceIoU:
-    """Per-image, per-class intersections and sizes, reduced like :func:`dae.evaluation.metrics.dice_iou`."""
+    """Accumulates :func:`~dae.evaluation.metrics.overlap_counts` over batches; reduced like ``dice_iou``."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -168,34 +169,13 @@ class _DiceIoU:
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of label maps ``[B, ...]`` (the same shape, values in ``[0, num_classes)``)."""
-        classes = self.num_classes
-        pred, target = pred.reshape(pred.shape[0], -1).long(), target.reshape(target.shape[0], -1).long()
-        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
-            raise ValueError(
-                f"labels must lie in [0, {classes}), got values in [{int(target.min())}, {int(target.max())}]"
-            )
-        offsets = torch.arange(pred.shape[0], device=pred.device)[:, None] * classes * classes
-        confusion = torch.bincount((offsets + target * classes + pred).flatten(), minlength=pred.shape[0] * classes**2)
-        confusion = confusion.reshape(-1, classes, classes).double().cpu()
-        self.intersections.append(confusion.diagonal(dim1=1, dim2=2))
-        self.totals.append(confusion.sum(dim=1) + confusion.sum(dim=2))
+        intersections, totals = overlap_counts(pred, target, self.num_classes)
+        self.intersections.append(intersections)
+        self.totals.append(totals)
 
     def compute(self, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
         """``{"dice": {"macro", <class>...}, "iou": {...}}`` over the foreground classes."""
-        inter, total = torch.cat(self.intersections), torch.cat(self.totals)
-        out: dict[str, dict[str, float]] = {"dice": {}, "iou": {}}
-        for c in range(1, self.num_classes):
-            present = total[:, c] > 0
-            if present.any():
-                i, t = inter[present, c], total[present, c]
-                out["dice"][class_names[c]] = float((2 * i / t).mean())
-                out["iou"][class_names[c]] = float((i / (t - i)).mean())
-            else:
-                out["dice"][class_names[c]] = out["iou"][class_names[c]] = math.nan
-        for key in ("dice", "iou"):
-            defined = [v for v in out[key].values() if not math.isnan(v)]
-            out[key] = {"macro": sum(defined) / len(defined) if defined else math.nan, **out[key]}
-        return out
+        return dice_iou_from_counts(torch.cat(self.intersections), torch.cat(self.totals), class_names)
 
 
 def _labels(raw: Any, num_classes: int) -> torch.Tensor:
