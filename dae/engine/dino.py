@@ -31,7 +31,9 @@ from dae.engine.dino_steps import (
 )
 from dae.engine.schedules import warmup_cosine
 from dae.engine.trainer import Trainer
+from dae.evaluation.features import DinoBackboneExtractor, extract_features
 from dae.evaluation.knn import knn_predict
+from dae.evaluation.metrics import accuracy
 from dae.losses.dino import DINOLoss
 from dae.models.backbone2d import backbone_config, is_vit
 from dae.models.multicrop import MultiCropWrapper
@@ -243,27 +245,17 @@ class DinoTrainer(Trainer):
 
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()
-    def _features(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-        backbone = self.teacher.backbone
-        feats, labels = [], []
-        for batch in loader:
-            images = self.to_device(batch[self.image_key]).float()
-            with self.autocast():
-                feats.append(backbone(images).float())
-            labels.append(self.to_device(batch[self.label_key]).long())
-        return torch.cat(feats), torch.cat(labels)
-
-    @torch.no_grad()
     def validate(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         assert self.val_loader is not None and self.probe_loader is not None
         outer_rng, _ = self.validation_seeding()
         self.teacher.eval()
-        train_f, train_y = self._features(self.probe_loader)
-        val_f, val_y = self._features(self.val_loader)
-        num_classes = int(max(train_y.max(), val_y.max())) + 1
-        k = min(self.knn_k, len(train_f))
-        scores = knn_predict(train_f, train_y, val_f, k=k, temperature=self.knn_temperature, num_classes=num_classes)
-        top1 = float((scores.argmax(1) == val_y).float().mean())
+        extractor = DinoBackboneExtractor(self.teacher.backbone, n_last_blocks=1)
+        keys = {"image_key": self.image_key, "label_key": self.label_key, "device": self.device}
+        train = extract_features(extractor, self.probe_loader, amp_dtype=self.amp_dtype, **keys)
+        val = extract_features(extractor, self.val_loader, amp_dtype=self.amp_dtype, **keys)
+        k, num_classes = min(self.knn_k, len(train)), max(train.num_classes, val.num_classes)
+        scores = knn_predict(train.cls, train.labels, val.cls, k, self.knn_temperature, num_classes=num_classes)
+        top1 = accuracy(scores, val.labels)
         pictures = {}
         if is_vit(self.teacher.backbone) and self.attention_images > 0:
             first = next(iter(self.val_loader))[self.image_key][: self.attention_images]
