@@ -205,20 +205,6 @@ def _convert_last_layer(state: dict[str, torch.Tensor], target: Mapping[str, tor
     return [f"{key}: split into weight-norm g (row norms) and v"]
 
 
-def _check_shapes(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], name: str) -> None:
-    # Checked here because load_state_dict_with_report reports "no key matches" when every shape differs.
-    mismatched = [
-        f"{key} {tuple(value.shape)}->{tuple(target[key].shape)}"
-        for key, value in state.items()
-        if key in target and value.shape != target[key].shape
-    ]
-    if mismatched:
-        raise ValueError(
-            f"shape mismatches (checkpoint->model) loading {name}, {len(mismatched)} keys: {head_keys(mismatched)}; "
-            "is arch / patch_size / in_chans right?"
-        )
-
-
 def _extend(base: LoadReport, **extras: list[str]) -> DinoLoadReport:
     return DinoLoadReport(**{f.name: getattr(base, f.name) for f in fields(base)}, **extras)
 
@@ -295,7 +281,6 @@ def load_backbone(
     target = model.state_dict()
     converted = _convert_backbone(state, target, "")
     name = f"{path} [{checkpoint_key}] backbone"
-    _check_shapes(state, target, name)
     base = load_state_dict_with_report(model, state, name=name)
     report = _extend(base, skipped=skipped, converted=converted)
     if converted or skipped:
@@ -332,7 +317,6 @@ def load_dino_wrapper_state(
     target = wrapper.state_dict()
     converted = _convert_backbone(state, target, "backbone.") + _convert_last_layer(state, target, "head.")
     name = f"{path} [{checkpoint_key}]"
-    _check_shapes(state, target, name)
     base = load_state_dict_with_report(wrapper, state, name=name)
     report = _extend(base, converted=converted)
     if converted:

@@ -104,8 +104,8 @@ def load_state_dict_with_report(
         The :class:`LoadReport`.
 
     Raises:
-        ValueError: when no key matched (with a few checkpoint and module keys to diagnose a prefix
-            problem), or when ``strict_shapes`` and some shapes differ.
+        ValueError: when ``strict_shapes`` and some shapes differ (naming them), or when no key matched (with a
+            few checkpoint and module keys to diagnose a prefix problem, and the shape mismatches if any).
     """
     own = module.state_dict()
     report = LoadReport(name=name)
@@ -120,15 +120,18 @@ def load_state_dict_with_report(
     report.loaded = list(filtered)
     report.missing = [key for key in own if key not in state_dict]
 
+    mismatched = head_keys([f"{k} {ck}->{mk}" for k, ck, mk in report.mismatched])
+    if strict_shapes and report.mismatched:
+        # Before the nothing-matched check: when every shared key has another shape, this is the real cause.
+        raise ValueError(
+            f"shape mismatches loading {name}: {mismatched} (checkpoint->module; is the module built like the "
+            f"checkpoint? pass strict_shapes=False to skip them)\n{report.summary()}"
+        )
     if not filtered:
         raise ValueError(
             f"no key of {name} matches the module ({len(state_dict)} checkpoint keys, {len(own)} module keys); "
             f"checkpoint keys: {head_keys(list(state_dict))}; module keys: {head_keys(list(own))}. "
-            "A prefix problem? See strip_prefix."
-        )
-    if strict_shapes and report.mismatched:
-        raise ValueError(
-            f"shape mismatches loading {name} (pass strict_shapes=False to skip them):\n{report.summary()}"
+            + (f"Shape-mismatched: {mismatched}." if report.mismatched else "A prefix problem? See strip_prefix.")
         )
     module.load_state_dict(filtered, strict=False)
     logger.info(report.summary())
