@@ -38,6 +38,7 @@ from dae.losses.dino import DINOLoss
 from dae.models.backbone2d import backbone_config, is_vit
 from dae.models.multicrop import MultiCropWrapper
 from dae.utils.seed import restore_rng_state
+from dae.utils.tensors import min_max
 
 __all__ = ["DinoTrainer", "attention_picture"]
 
@@ -51,13 +52,6 @@ _ONE_HOT_ENTROPY = 0.05
 def _plain(value: Any) -> Any:
     """A JSON round trip: only plain types survive, so ``torch.load(weights_only=True)`` reads the result."""
     return json.loads(json.dumps(value, default=str))
-
-
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    """Min-max each picture of a batch ``(B, C, H, W)`` to [0, 1]."""
-    flat = x.flatten(1)
-    low, high = flat.min(1).values, flat.max(1).values
-    return (x - low.view(-1, 1, 1, 1)) / (high - low).clamp_min(1e-8).view(-1, 1, 1, 1)
 
 
 @torch.no_grad()
@@ -76,8 +70,8 @@ def attention_picture(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor
     h, w = images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size
     maps = attn[:, :, 0, 1:].reshape(b * heads, 1, h, w)
     maps = F.interpolate(maps, size=images.shape[-2:], mode="nearest")
-    maps = _to_unit(maps).reshape(b, heads, *images.shape[-2:])
-    grey = _to_unit(images.float().mean(1, keepdim=True))
+    maps = min_max(maps, (1, 2, 3)).reshape(b, heads, *images.shape[-2:])
+    grey = min_max(images.float().mean(1, keepdim=True), (1, 2, 3))
     tiles = torch.cat([grey, maps], dim=1).reshape(b * (heads + 1), 1, *images.shape[-2:])
     return make_grid(tiles, nrow=heads + 1, padding=2, pad_value=1.0)
 
@@ -273,5 +267,5 @@ class DinoTrainer(Trainer):
             return {}
         size = self._last_crops[0].shape[-2:]
         tiles = [F.interpolate(c.float(), size=size, mode="nearest")[0] for c in self._last_crops]
-        tiles = [_to_unit(t.mean(0, keepdim=True)[None])[0] for t in tiles]
+        tiles = [min_max(t.mean(0, keepdim=True)) for t in tiles]
         return {"train/crops_global_then_local": make_grid(tiles, nrow=len(tiles), padding=2, pad_value=1.0)}

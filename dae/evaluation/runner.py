@@ -42,6 +42,7 @@ from dae.evaluation.linear_probe import (
 )
 from dae.evaluation.report import format_table, roc_figure, save_figure, write_results
 from dae.evaluation.retrieval import precision_at_k, retrieve, save_retrieval_figure
+from dae.utils.tensors import min_max
 
 __all__ = ["PROTOCOLS", "BackboneInput", "adapted_extractor", "evaluate_backbones"]
 
@@ -189,7 +190,7 @@ def _pca_picture(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
     grid = extractor(images)["patch_grid"].float()
     colours = F.interpolate(pca_rgb(grid), size=images.shape[-2:], mode="nearest")
     grey = images.float().mean(1, keepdim=True).expand(-1, 3, -1, -1)
-    grey = (grey - grey.amin()) / (grey.amax() - grey.amin()).clamp_min(1e-8)
+    grey = min_max(grey)
     tiles = torch.stack([grey, colours], 1).flatten(0, 1)
     return make_grid(tiles, nrow=2, padding=2, pad_value=1.0)
 

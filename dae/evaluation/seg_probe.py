@@ -45,7 +45,7 @@ from dae.evaluation.features import FeatureExtractor, unpack_batch
 from dae.evaluation.metrics import dice_iou_from_counts, overlap_counts
 from dae.evaluation.report import format_table, save_figure, write_results
 from dae.evaluation.runner import SPLITS, adapted_extractor
-from dae.utils.tensors import autocast, plain_tensor
+from dae.utils.tensors import autocast, min_max, plain_tensor
 
 __all__ = ["DECODERS", "LinearSegHead", "SegProbeResult", "UNetSegHead", "evaluate_seg_probe", "run_seg_probe"]
 
@@ -479,8 +479,7 @@ def _overlay_figure(
     fig = Figure(figsize=(6.6, 2.2 * len(images) + 0.8))
     axes = fig.subplots(len(images), 3, squeeze=False)
     for row, (image, label, pred) in enumerate(zip(images, labels[:, 0], preds)):
-        grey = image.mean(dim=0)
-        grey = (grey - grey.min()) / (grey.max() - grey.min()).clamp_min(1e-8)
+        grey = min_max(image.mean(dim=0))
         meter = _DiceIoU(len(class_names))
         meter.update(pred[None], label[None])
         dice = meter.compute(class_names)["dice"]["macro"]
