@@ -23,6 +23,7 @@ from dae.data import (
     SimpleITKReader,
     estimate_cache_bytes,
     format_bytes,
+    inference_entries,
     load_datalist,
     read_image_header,
     validate_datalist,
@@ -198,6 +199,15 @@ def test_relative_paths_join_data_root(tmp_path: Path) -> None:
     path = _write_datalist(tmp_path, [{"image": "sub/vol.nii", "modality": "CT", "label": "sub/seg.nii"}])
     (entry,) = load_datalist(path, data_root=tmp_path)
     assert entry["image"] == str(tmp_path / "sub" / "vol.nii") and entry["label"] == str(tmp_path / "sub" / "seg.nii")
+
+
+def test_inference_entries_keep_image_and_modality_group_only(tmp_path: Path) -> None:
+    _write_nifti(tmp_path / "vol.nii", (4, 5, 6))
+    entries = [{"image": "vol.nii", "label": "vol.nii", "tags": ["a"]}, {"image": "vol.nii", "modality": "T2"}]
+    path = _write_datalist(tmp_path, entries, key="testing")
+    found = inference_entries(path, key="testing", data_root=tmp_path, default_modality="CT")
+    image = str(tmp_path / "vol.nii")
+    assert found == [{"image": image, "modality_group": "CT"}, {"image": image, "modality_group": "MR"}]
 
 
 def test_label_problems_are_named_and_default_modality_applies(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 import dae.data.xray as xray_module
 from dae.cli import main
 from dae.data import (
+    DatalistError,
     DAXPreprocessd,
     DINOMultiCrop,
     LoadXRayd,
@@ -31,6 +32,7 @@ from dae.data import (
     load_datalist,
     make_xray_datalist,
     read_xray,
+    split_loaders,
     xray_preprocessing,
 )
 
@@ -236,6 +238,24 @@ def test_preprocessing_factory() -> None:
         xray_preprocessing("clahe")
     with pytest.raises(ValueError, match="no options"):
         xray_preprocessing("minmax", contrast_factor=3.0)
+    with pytest.raises(ValueError, match="subtract_lowpass"):
+        xray_preprocessing("minmax", subtract_lowpass=True)
+    assert isinstance(xray_preprocessing("dax_v2", deterministic=True), DAXPreprocessd)
+    assert xray_preprocessing("dax", subtract_lowpass=True).kwargs["subtract_lowpass"] is True
+    assert isinstance(xray_preprocessing("minmax", deterministic=True, subtract_lowpass=False), ScaleIntensityd)
+
+
+def test_split_loaders_check_every_split_before_caching(tmp_path: Path) -> None:
+    transform = Compose([LoadXRayd("image"), xray_preprocessing("minmax")])
+    loaders = split_loaders(XRAY_LIST, REPO / "data", transform, splits=("validation",), batch_size=4, cache_rate=0.0)
+    batch = next(iter(loaders["validation"]))
+    assert batch["image"].shape[0] == 4 and "label" in batch
+    broken = json.loads(XRAY_LIST.read_text())
+    broken["test"][-1]["image"] = "xray/missing.png"
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(DatalistError, match=r"missing\.png"):
+        split_loaders(path, REPO / "data", transform, cache_rate=1.0)
 
 
 # ----------------------------------------------------------------------------------------------- multi-crop

@@ -11,6 +11,7 @@ from dae.data.datalist import (
     ImageHeader,
     estimate_cache_bytes,
     format_bytes,
+    inference_entries,
     load_datalist,
     read_class_names,
     read_image_header,
@@ -26,6 +27,7 @@ from dae.data.labels import (
     remap_labels,
     totalsegmentator_to_btcv,
 )
+from dae.data.loaders import split_loaders
 from dae.data.readers import SimpleITKReader, find_dicom_series
 from dae.data.splits import (
     assign_patients,
@@ -72,6 +74,7 @@ __all__ = [
     "estimate_cache_bytes",
     "find_dicom_series",
     "format_bytes",
+    "inference_entries",
     "kfold_splits",
     "label_fraction_subset",
     "load_datalist",
@@ -83,6 +86,7 @@ __all__ = [
     "read_totalsegmentator_classes",
     "read_xray",
     "remap_labels",
+    "split_loaders",
     "totalsegmentator_to_btcv",
     "validate_datalist",
     "write_fold_files",

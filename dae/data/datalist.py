@@ -28,6 +28,7 @@ __all__ = [
     "ImageHeader",
     "estimate_cache_bytes",
     "format_bytes",
+    "inference_entries",
     "load_datalist",
     "read_class_names",
     "read_image_header",
@@ -295,6 +296,18 @@ def load_datalist(
         entry["modality_group"] = groups[entry["modality"]]
         entry["modality_label"] = GROUP_NAMES.index(entry["modality_group"])
     return entries
+
+
+def inference_entries(
+    path: str | Path, key: str = "validation", data_root: str | Path | None = None, default_modality: str | None = None
+) -> list[dict]:
+    """The images of one list of a datalist, for inference: ``{"image", "modality_group"}`` per entry.
+
+    Entries are loaded and validated as by :func:`load_datalist`; labels, tags and other keys are dropped, so
+    that lists with and without labels give the same batches.
+    """
+    entries = load_datalist(path, key=key, data_root=data_root, default_modality=default_modality)
+    return [{"image": e["image"], "modality_group": e["modality_group"]} for e in entries]
 
 
 def read_class_names(path: str | Path) -> list[str]:

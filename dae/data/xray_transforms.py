@@ -212,7 +212,13 @@ class RandDAXPreprocessd(RandomizableTransform, MapTransform):
         return d
 
 
-def xray_preprocessing(name: str, keys: KeysCollection = "image", **kwargs: Any) -> MapTransform:
+def xray_preprocessing(
+    name: str,
+    keys: KeysCollection = "image",
+    deterministic: bool = False,
+    subtract_lowpass: bool = False,
+    **kwargs: Any,
+) -> MapTransform:
     """The intensity preprocessing named in a bundle config.
 
     - ``"dax"``: :class:`DAXPreprocessd`, for raw detector images (16-bit TIFF/DICOM, air bright);
@@ -224,19 +230,25 @@ def xray_preprocessing(name: str, keys: KeysCollection = "image", **kwargs: Any)
     Args:
         name: one of :data:`PREPROCESSING_NAMES`.
         keys: image keys.
-        **kwargs: options of the DAX transforms (none for ``"minmax"``).
+        deterministic: for evaluation and monitoring: ``"dax_v2"`` becomes ``"dax"`` (the negative log always
+            applied), so that every call gives the same image.
+        subtract_lowpass: the DAX low-pass subtraction (``"dax"`` / ``"dax_v2"`` only).
+        **kwargs: other options of the DAX transforms (none for ``"minmax"``).
 
     Raises:
-        ValueError: unknown name, or options given to ``"minmax"``.
+        ValueError: unknown name, or options (``subtract_lowpass`` included) given to ``"minmax"``.
     """
-    if name == "dax":
-        return DAXPreprocessd(keys, **kwargs)
-    if name == "dax_v2":
-        return RandDAXPreprocessd(keys, **kwargs)
+    if deterministic and name == "dax_v2":
+        name = "dax"
     if name == "minmax":
-        if kwargs:
-            raise ValueError(f"'minmax' preprocessing takes no options, got {sorted(kwargs)}.")
+        if kwargs or subtract_lowpass:
+            options = sorted([*kwargs, *(["subtract_lowpass"] if subtract_lowpass else [])])
+            raise ValueError(f"'minmax' preprocessing takes no options, got {options}.")
         return ScaleIntensityd(keys, minv=0.0, maxv=1.0, dtype=np.float32)
+    if name == "dax":
+        return DAXPreprocessd(keys, subtract_lowpass=subtract_lowpass, **kwargs)
+    if name == "dax_v2":
+        return RandDAXPreprocessd(keys, subtract_lowpass=subtract_lowpass, **kwargs)
     raise ValueError(f"Unknown X-ray preprocessing {name!r}; choose from {PREPROCESSING_NAMES}.")
 
 
