@@ -7,16 +7,12 @@ import math
 
 import pytest
 import torch
+from timm.optim import Lars as TimmLars
 from torch import nn
 
-from dae.engine import (
-    LARS,
-    build_optimizer,
-    cancel_last_layer_gradients,
-    clip_gradients_per_parameter,
-    teacher_momentum,
-    update_teacher,
-)
+from dae.engine import LARS, build_optimizer, cancel_last_layer_gradients, clip_gradients, scaled_lr, update_teacher
+from dae.utils.dist import global_batch_size
+from dae.utils.schedules import CosineSchedule
 
 
 def _lars_two_steps() -> tuple[nn.Parameter, nn.Parameter, LARS]:
@@ -88,6 +84,48 @@ def test_lars_state_round_trip() -> None:
     torch.testing.assert_close(bias_copy, bias)
 
 
+def _one_step(optimizer_class: type, groups: list[dict], grads: list[torch.Tensor], **kwargs) -> list[torch.Tensor]:
+    params = [nn.Parameter(p.clone()) for group in groups for p in group["params"]]
+    it = iter(params)
+    copies = [{**group, "params": [next(it) for _ in group["params"]]} for group in groups]
+    optimizer = optimizer_class(copies, lr=0.1, momentum=0.9, **kwargs)
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = grad.clone()
+    optimizer.step()
+    return [param.detach() for param in params]
+
+
+def test_lars_against_timm() -> None:
+    """timm's Lars is not DINO's: where they agree and where not (why dae.engine.LARS is kept)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(8, 4, generator=generator), torch.randn(8, generator=generator)
+    grads = [torch.randn(8, 4, generator=generator), torch.randn(8, generator=generator)]
+    groups = [{"params": [weight], "weight_decay": 0.04}, {"params": [bias], "weight_decay": 0.0}]  # DINO's split
+    ours = _one_step(LARS, groups, grads, eta=0.001)
+    timm = _one_step(TimmLars, groups, grads, trust_coeff=0.001, eps=0.0)
+    # Not decayed and 1-D: plain SGD with momentum in both.
+    torch.testing.assert_close(ours[1], timm[1], rtol=0, atol=0)
+    # Decayed weight: DINO divides by ||g + wd p||, timm by ||g|| + wd ||p||.
+    d = grads[0] + 0.04 * weight
+    norm = torch.linalg.vector_norm
+    torch.testing.assert_close(ours[0], weight - 0.1 * 0.001 * norm(weight) / norm(d) * d)
+    torch.testing.assert_close(
+        timm[0], weight - 0.1 * 0.001 * norm(weight) / (norm(grads[0]) + 0.04 * norm(weight)) * d
+    )
+    assert (norm(ours[0] - weight) / norm(timm[0] - weight)).item() == pytest.approx(1.037, abs=1e-3)  # 3.7%
+    # ... which agree when the gradient is parallel to the weight.
+    parallel = [2.5 * weight, grads[1]]
+    torch.testing.assert_close(
+        _one_step(LARS, groups, parallel, eta=0.001)[0], _one_step(TimmLars, groups, parallel, trust_coeff=0.001)[0]
+    )
+    # A weight in a group without decay: adapted by DINO (any parameter that is not 1-D), not by timm.
+    plain = [{"params": [weight], "weight_decay": 0.0}]
+    ours = _one_step(LARS, plain, grads[:1], eta=0.001)
+    timm = _one_step(TimmLars, plain, grads[:1], trust_coeff=0.001)
+    torch.testing.assert_close(ours[0], weight - 0.1 * 0.001 * norm(weight) / norm(grads[0]) * grads[0])
+    torch.testing.assert_close(timm[0], weight - 0.1 * grads[0])
+
+
 def test_lars_rejects_negative_arguments() -> None:
     with pytest.raises(ValueError, match="eta"):
         LARS([nn.Parameter(torch.zeros(2))], eta=-1.0)
@@ -119,17 +157,32 @@ class _Head(nn.Module):
         self.norm = nn.BatchNorm1d(2)
 
 
+def test_clip_gradients_global_and_measure_only() -> None:
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+    assert clip_gradients([a, b], 0.0).item() == pytest.approx(5.0)  # measured, not changed
+    assert a.grad.tolist() == [3.0, 0.0]
+    assert clip_gradients([a, b], 1.0).item() == pytest.approx(5.0)
+    torch.testing.assert_close(b.grad, torch.tensor([0.0, 0.8]), atol=1e-5, rtol=0)
+    # Measuring only leaves finite gradients finite when another one is infinite.
+    a.grad, b.grad = torch.tensor([math.inf, 0.0]), torch.tensor([2.0, 2.0])
+    assert math.isinf(clip_gradients([a, b], 0.0).item())
+    assert b.grad.tolist() == [2.0, 2.0]
+    with pytest.raises(ValueError, match="clip mode"):
+        clip_gradients([a], 1.0, mode="layer")
+
+
 def test_clip_gradients_per_parameter() -> None:
     model = _Head()
     model.mlp.weight.grad = torch.full((2, 2), 5.0)  # norm 10
     model.mlp.bias.grad = torch.tensor([0.06, 0.08])  # norm 0.1
     model.last_layer.weight.grad = torch.tensor([[0.0, 3.0], [4.0, 0.0], [0.0, 0.0]])  # norm 5
     small = model.mlp.bias.grad.clone()
-    total = clip_gradients_per_parameter(model, clip=0.0)
+    total = clip_gradients(model.parameters(), 0.0, mode="per_parameter")
     assert total.item() == pytest.approx(math.sqrt(100 + 0.01 + 25))
     torch.testing.assert_close(model.mlp.weight.grad, torch.full((2, 2), 5.0))
 
-    total = clip_gradients_per_parameter(model, clip=1.0)
+    total = clip_gradients(model.parameters(), 1.0, mode="per_parameter")
     # The norm before clipping; each parameter is clipped on its own, not by a global factor.
     assert total.item() == pytest.approx(math.sqrt(100 + 0.01 + 25))
     for grad in (model.mlp.weight.grad, model.last_layer.weight.grad):
@@ -137,7 +190,7 @@ def test_clip_gradients_per_parameter() -> None:
         assert torch.linalg.vector_norm(grad).item() == pytest.approx(1.0, rel=1e-5)
     torch.testing.assert_close(model.last_layer.weight.grad, torch.tensor([[0.0, 0.6], [0.8, 0.0], [0.0, 0.0]]))
     assert torch.equal(model.mlp.bias.grad, small)
-    assert clip_gradients_per_parameter(nn.Linear(2, 2), clip=1.0).item() == 0.0
+    assert clip_gradients(nn.Linear(2, 2).parameters(), 1.0, mode="per_parameter").item() == 0.0
 
 
 def test_cancel_last_layer_gradients() -> None:
@@ -175,7 +228,18 @@ def test_update_teacher_averages_parameters_only() -> None:
 
 
 def test_teacher_momentum_schedule() -> None:
-    assert teacher_momentum(0, 101, 0.996) == pytest.approx(0.996)
+    teacher_momentum = CosineSchedule(peak=0.996, end=1.0, total_steps=101)  # as DinoTrainer builds it
+    assert teacher_momentum(0) == pytest.approx(0.996)
     # Half-way the cosine is at the mean of base and 1.
-    assert teacher_momentum(50, 101, 0.996) == pytest.approx(0.998)
-    assert teacher_momentum(100, 101, 0.996) == pytest.approx(1.0)
+    assert teacher_momentum(50) == pytest.approx(0.998)
+    assert teacher_momentum(100) == pytest.approx(1.0)
+
+
+def test_linear_lr_scaling_with_the_global_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert global_batch_size(64) == 64
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's variable, read before the process group exists
+    assert global_batch_size(64) == 256
+    assert scaled_lr(0.3, 512) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="batch sizes"):
+        scaled_lr(0.3, 0)

@@ -10,32 +10,40 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from dae.engine import WarmupCosineSchedule, orthogonal_slices_grid, param_groups, warmup_cosine
+from dae.engine import Trainer, param_groups
 from dae.utils.checkpoint import load_checkpoint, save_checkpoint
+from dae.utils.pictures import orthogonal_slices_grid
 from dae.utils.provenance import bundle_config_from_argv, save_run_record
+from dae.utils.schedules import CosineSchedule
 from dae.utils.seed import capture_rng_state, restore_rng_state, seed_everything
 
 
 def test_warmup_cosine_key_values():
-    kwargs = dict(base_lr=1e-3, total_steps=101, warmup_steps=10, warmup_lr=1e-5, min_lr=1e-4)
-    assert warmup_cosine(0, **kwargs) == pytest.approx(1e-5)
-    assert warmup_cosine(5, **kwargs) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
-    assert warmup_cosine(10, **kwargs) == pytest.approx(1e-3)
+    warmup_cosine = CosineSchedule(peak=1e-3, end=1e-4, total_steps=101, warmup_steps=10, start=1e-5)
+    assert warmup_cosine(0) == pytest.approx(1e-5)
+    assert warmup_cosine(5) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert warmup_cosine(10) == pytest.approx(1e-3)
     # half-way through the cosine part: the mean of base and min
-    assert warmup_cosine(55, **kwargs) == pytest.approx((1e-3 + 1e-4) / 2)
-    assert warmup_cosine(100, **kwargs) == pytest.approx(1e-4)
+    assert warmup_cosine(55) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert warmup_cosine(100) == pytest.approx(1e-4)
 
 
-def test_schedule_drives_optimizer_per_iteration():
-    param = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=0.1)
-    sched = WarmupCosineSchedule(opt, total_steps=5, warmup_steps=2, warmup_lr=0.0, min_lr=0.01)
+class _Constant(Trainer):
+    def compute_losses(self, batch):
+        return {"loss": self.model(batch).sum()}
+
+
+def test_schedule_drives_optimizer_per_iteration(tmp_path):
+    net = nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loader = DataLoader(torch.ones(5, 1), batch_size=1)
+    trainer = _Constant(net, opt, loader, tmp_path, max_epochs=1, warmup_epochs=0.4, min_lr=0.01, progress=False)
     lrs = []
-    for _ in range(5):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    for batch in loader:
+        lrs.append(trainer.train_step(batch)["lr"])
+        assert lrs[-1] == opt.param_groups[0]["lr"]
     assert lrs[0] == pytest.approx(0.0)
     assert lrs[1] == pytest.approx(0.05)
     assert lrs[2] == pytest.approx(0.1)
@@ -44,11 +52,10 @@ def test_schedule_drives_optimizer_per_iteration():
 
 
 def test_schedule_rejects_bad_lengths():
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="total_steps"):
-        WarmupCosineSchedule(opt, total_steps=0)
+        CosineSchedule(0.1, 0.0, total_steps=0)
     with pytest.raises(ValueError, match="warmup_steps"):
-        WarmupCosineSchedule(opt, total_steps=3, warmup_steps=4)
+        CosineSchedule(0.1, 0.0, total_steps=3, warmup_steps=4)
 
 
 def test_param_groups_exempt_biases_norms_and_position_tables():
@@ -140,3 +147,14 @@ def test_save_run_record_writes_config_and_versions(tmp_path):
     assert versions["torch"] == torch.__version__.split("+")[0]
     assert "epochs: 2" in (tmp_path / "run" / "config.yaml").read_text()
     assert (tmp_path / "run" / "command.txt").read_text().strip()
+
+
+def test_single_process_distributed_helpers() -> None:
+    from dae.utils.dist import convert_sync_batchnorm, default_device, destroy_distributed
+
+    assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    destroy_distributed()  # no process group: nothing to do
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    converted = convert_sync_batchnorm(model)
+    expected = torch.nn.SyncBatchNorm if torch.cuda.is_available() else torch.nn.BatchNorm2d
+    assert type(converted[1]) is expected

@@ -2,45 +2,38 @@
 
 One iteration, as in DINO (Caron et al. 2021) and DAX (Scheuplein et al. 2025):
 
-1. set the learning rate (warm-up + cosine, all groups) and the weight decay (cosine, the decayed group);
-2. the teacher sees only the 2 global crops, the student sees all crops; the loss compares every teacher
-   view with every other student view (fp32, whatever the autocast);
+1. (:meth:`DinoTrainer.before_step`) set the learning rate (warm-up + cosine, all groups) and the weight
+   decay (cosine, the decayed group);
+2. (:meth:`DinoTrainer.compute_losses`) the teacher sees only the 2 global crops, the student sees all
+   crops; the loss compares every teacher view with every other student view (fp32, whatever the autocast);
 3. back-propagate, clip each parameter's gradient separately, drop the last-layer gradients during the
-   first ``freeze_last_layer`` epochs, step;
-4. move the teacher towards the student by an EMA whose momentum rises from ``momentum_teacher`` to 1.
+   first ``freeze_last_layer`` epochs (:meth:`DinoTrainer.before_update`), step;
+4. (:meth:`DinoTrainer.after_step`) move the teacher towards the student by an EMA whose momentum rises
+   from ``momentum_teacher`` to 1.
+
+Step 3 and the bookkeeping are the shared :meth:`dae.engine.trainer.Trainer.train_step`, which calls these hooks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
-from torchvision.utils import make_grid
 
-from dae.engine.dino_steps import (
-    cancel_last_layer_gradients,
-    clip_gradients_per_parameter,
-    teacher_momentum,
-    update_teacher,
-)
-from dae.engine.schedules import warmup_cosine
+from dae.engine.dino_steps import cancel_last_layer_gradients, update_teacher
 from dae.engine.trainer import Trainer
-from dae.evaluation.features import DinoBackboneExtractor, extract_features
-from dae.evaluation.knn import knn_predict
-from dae.evaluation.metrics import accuracy
 from dae.losses.dino import DINOLoss
 from dae.models.backbone2d import backbone_config, is_vit
 from dae.models.multicrop import MultiCropWrapper
+from dae.utils.pictures import attention_picture, crops_picture
+from dae.utils.schedules import CosineSchedule
 from dae.utils.seed import restore_rng_state
-from dae.utils.tensors import min_max
 
-__all__ = ["DinoTrainer", "attention_picture"]
+__all__ = ["DinoTrainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,40 +47,19 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-@torch.no_grad()
-def attention_picture(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Last-layer CLS-to-patch attention of a ViT, one row per image: the image, then one map per head.
-
-    Args:
-        backbone: a ViT with ``get_last_selfattention`` and ``patch_size``.
-        images: ``(B, C, H, W)``; H and W multiples of the patch size.
-
-    Returns:
-        A ``(3, H', W')`` picture in [0, 1] for TensorBoard.
-    """
-    attn = backbone.get_last_selfattention(images).float()
-    b, heads = attn.shape[:2]
-    h, w = images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size
-    maps = attn[:, :, 0, 1:].reshape(b * heads, 1, h, w)
-    maps = F.interpolate(maps, size=images.shape[-2:], mode="nearest")
-    maps = min_max(maps, (1, 2, 3)).reshape(b, heads, *images.shape[-2:])
-    grey = min_max(images.float().mean(1, keepdim=True), (1, 2, 3))
-    tiles = torch.cat([grey, maps], dim=1).reshape(b * (heads + 1), 1, *images.shape[-2:])
-    return make_grid(tiles, nrow=heads + 1, padding=2, pad_value=1.0)
-
-
 class DinoTrainer(Trainer):
     """Train a student :class:`~dae.models.MultiCropWrapper` against its EMA teacher with the DINO loss.
 
-    Checkpoints (``checkpoints/latest.pt`` ...) hold ``student``, ``teacher``, ``optimizer``, ``scheduler``,
-    ``scaler``, ``epoch``, ``global_step``, ``dino_loss`` (the centre), ``backbone_config`` (what
+    Checkpoints (``checkpoints/latest.pt`` ...) hold ``student``, ``teacher``, ``optimizer``, ``scaler``,
+    ``epoch``, ``global_step``, ``dino_loss`` (the centre), ``backbone_config`` (what
     :func:`dae.models.load_backbone` needs to rebuild the backbone), ``args`` (the run's hyper-parameters as a
     plain dict) and the generator states; all load with ``torch.load(..., weights_only=True)``.
 
-    Validation is optional and is a k-NN monitor, the collapse check the DINO authors use: the teacher's CLS
-    features of ``probe_loader`` (labelled training images) vote for the images of ``val_loader``; ``best.pt``
-    tracks the best ``knn_top1``. Every rank runs it on the whole probe set (no sampler), so give it a few
-    hundred to a few thousand images.
+    Validation is optional and is a monitor of the teacher, e.g. the k-NN collapse check the DINO authors use
+    (:class:`dae.evaluation.knn.KnnMonitor`): ``monitor(teacher_backbone)`` is called with the teacher's
+    backbone in eval mode, under the trainer's validation seeding, every ``val_interval`` epochs, and returns
+    metrics that include ``knn_top1``, which selects ``best.pt``. ``val_loader`` schedules it and gives the
+    images whose attention maps are drawn; the two go together.
 
     Args:
         network: the student (backbone + DINO head), trained.
@@ -99,19 +71,23 @@ class DinoTrainer(Trainer):
         momentum_teacher: EMA momentum at the first iteration, raised to 1 by a cosine.
         freeze_last_layer: epochs during which the head's last layer gets no update.
         crops_key: batch key of the list of crops ``[global_1, global_2, local_1, ...]``, each ``(B, C, h, w)``.
-        probe_loader: labelled images whose features the k-NN monitor votes with.
-        image_key / label_key: batch keys of the probe and validation loaders.
-        knn_k / knn_temperature: the monitor's neighbours and temperature.
+        monitor: the validation, ``teacher backbone -> {"knn_top1": ..., ...}``; required with ``val_loader``.
+        image_key: batch key of the images of ``val_loader`` (for the attention maps).
         attention_images: how many fixed validation images show their attention maps (ViTs only).
         run_config: hyper-parameters to store as ``args`` in the checkpoints.
-        **kwargs: the loop settings of :class:`~dae.engine.trainer.Trainer`; ``clip_grad`` is the per-parameter
-            clipping norm here (0: off).
+        clip_mode: as in :class:`~dae.engine.trainer.Trainer`; DINO clips each parameter's gradient on its own,
+            so ``clip_grad`` is the per-parameter norm (0: off).
+        **kwargs: the loop settings of :class:`~dae.engine.trainer.Trainer`.
+
+    Raises:
+        ValueError: when only one of ``val_loader`` and ``monitor`` is given.
     """
 
     best_metric = "knn_top1"
     best_mode = "max"
     summary_keys = ("loss", "teacher_entropy")
     model_key = "student"
+    non_finite_hint = "try amp: bf16 or none, a lower lr, or clip_grad > 0"
 
     def __init__(
         self,
@@ -123,35 +99,32 @@ class DinoTrainer(Trainer):
         momentum_teacher: float = 0.996,
         freeze_last_layer: int = 1,
         crops_key: str = "crops",
-        probe_loader: DataLoader | None = None,
+        monitor: Callable[[nn.Module], Mapping[str, float]] | None = None,
         image_key: str = "image",
-        label_key: str = "label",
-        knn_k: int = 20,
-        knn_temperature: float = 0.07,
         attention_images: int = 4,
         run_config: Mapping[str, Any] | None = None,
+        clip_mode: str = "per_parameter",
         **kwargs: Any,
     ) -> None:
-        super().__init__(network, **kwargs)
-        if kwargs.get("val_loader") is not None and probe_loader is None:
-            raise ValueError("the k-NN monitor needs a probe_loader (labelled images) besides the val_loader")
+        super().__init__(network, clip_mode=clip_mode, **kwargs)
+        if (self.val_loader is None) != (monitor is None):
+            raise ValueError(
+                "val_loader and monitor go together: the val_loader schedules the monitor (e.g. a k-NN "
+                f"dae.evaluation.knn.KnnMonitor) and shows the attention maps; got val_loader={self.val_loader!r}, "
+                f"monitor={monitor!r}"
+            )
         self.teacher = teacher.to(self.device)
         self.teacher.load_state_dict(network.state_dict())
         self.teacher.requires_grad_(False)
         self.loss_function = loss_function.to(self.device)
-        self.weight_decay = weight_decay
-        self.weight_decay_end = weight_decay_end
-        self.momentum_teacher = momentum_teacher
         self.freeze_last_layer = freeze_last_layer
         self.crops_key = crops_key
-        self.probe_loader = probe_loader
+        self.monitor = monitor
         self.image_key = image_key
-        self.label_key = label_key
-        self.knn_k = knn_k
-        self.knn_temperature = knn_temperature
         self.attention_images = attention_images
         self.run_config = _plain(dict(run_config or {}))
-        self.total_steps = self.max_epochs * self.steps_per_epoch
+        self.weight_decay_schedule = CosineSchedule(weight_decay, weight_decay_end, self.total_steps)
+        self.momentum_schedule = CosineSchedule(momentum_teacher, 1.0, self.total_steps)
         self._last_crops: list[torch.Tensor] | None = None
 
     def describe(self) -> str:
@@ -172,15 +145,15 @@ class DinoTrainer(Trainer):
         self.loss_function.load_state_dict(state["dino_loss"])
 
     # ------------------------------------------------------------------ one iteration
-    def _set_schedules(self) -> tuple[float, float]:
-        step = self.global_step
-        wd = warmup_cosine(step, self.weight_decay, self.total_steps, min_lr=self.weight_decay_end)
+    def before_step(self) -> dict[str, float]:
+        """The learning rates, the weight decay of group 0 and the teacher momentum of this iteration."""
+        scheduled = super().before_step()
+        wd = self.weight_decay_schedule(self.global_step)
         self.optimizer.param_groups[0]["weight_decay"] = wd
-        return wd, teacher_momentum(step, self.total_steps, self.momentum_teacher)
+        return {**scheduled, "wd": wd, "momentum": self.momentum_schedule(self.global_step)}
 
-    def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        wd, momentum = self._set_schedules()
-        lr = self.optimizer.param_groups[0]["lr"]
+    def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The DINO loss (teacher on the 2 global crops, student on all) and its diagnostics."""
         crops = [self.to_device(c) for c in batch[self.crops_key]]
         if len(crops) != self.loss_function.ncrops:
             raise ValueError(
@@ -191,25 +164,15 @@ class DinoTrainer(Trainer):
             teacher_output = self.teacher(crops[:2])  # only the 2 global views pass through the teacher
             student_output = self.ddp_model(crops)
         loss, metrics = self.loss_function(student_output, teacher_output, self.epoch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite DINO loss at epoch {self.epoch + 1}, step {self.global_step} (lr {lr:.3g}); "
-                "try amp: bf16 or none, a lower lr, or clip_grad > 0"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradients_per_parameter(self.model, self.clip_grad)
+        return {"loss": loss, **metrics}
+
+    def before_update(self) -> None:
+        """No update of the head's last layer during the first ``freeze_last_layer`` epochs."""
         cancel_last_layer_gradients(self.model, self.epoch, self.freeze_last_layer)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        update_teacher(self.model, self.teacher, momentum)
-        self.global_step += 1
-        record = {"loss": float(loss.detach())}
-        record.update({k: float(v) for k, v in metrics.items()})
-        record.update(lr=lr, wd=wd, momentum=momentum, grad_norm=float(grad_norm))
-        return record
+
+    def after_step(self) -> None:
+        """Move the teacher towards the updated student with this iteration's momentum."""
+        update_teacher(self.model, self.teacher, self.momentum_schedule(self.global_step))
 
     def train_epoch(self) -> dict[str, float]:
         self.teacher.train()  # as in DINO: the teacher's BatchNorms use batch statistics
@@ -240,16 +203,11 @@ class DinoTrainer(Trainer):
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()
     def validate(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        assert self.val_loader is not None and self.probe_loader is not None
+        """The monitor's metrics on the teacher backbone, and the teacher's attention maps (ViTs)."""
+        assert self.val_loader is not None and self.monitor is not None
         outer_rng, _ = self.validation_seeding()
         self.teacher.eval()
-        extractor = DinoBackboneExtractor(self.teacher.backbone, n_last_blocks=1)
-        keys = {"image_key": self.image_key, "label_key": self.label_key, "device": self.device}
-        train = extract_features(extractor, self.probe_loader, amp_dtype=self.amp_dtype, **keys)
-        val = extract_features(extractor, self.val_loader, amp_dtype=self.amp_dtype, **keys)
-        k, num_classes = min(self.knn_k, len(train)), max(train.num_classes, val.num_classes)
-        scores = knn_predict(train.cls, train.labels, val.cls, k, self.knn_temperature, num_classes=num_classes)
-        top1 = accuracy(scores, val.labels)
+        metrics = {k: float(v) for k, v in self.monitor(self.teacher.backbone).items()}
         pictures = {}
         if is_vit(self.teacher.backbone) and self.attention_images > 0:
             first = next(iter(self.val_loader))[self.image_key][: self.attention_images]
@@ -258,14 +216,10 @@ class DinoTrainer(Trainer):
             )
         self.teacher.train()
         restore_rng_state(outer_rng)
-        return {"knn_top1": top1}, pictures
+        return metrics, pictures
 
-    @torch.no_grad()
     def train_pictures(self) -> dict[str, torch.Tensor]:
         """The crops of the first image of the last batch: the global crops, then the local ones."""
         if self._last_crops is None:
             return {}
-        size = self._last_crops[0].shape[-2:]
-        tiles = [F.interpolate(c.float(), size=size, mode="nearest")[0] for c in self._last_crops]
-        tiles = [min_max(t.mean(0, keepdim=True)) for t in tiles]
-        return {"train/crops_global_then_local": make_grid(tiles, nrow=len(tiles), padding=2, pad_value=1.0)}
+        return {"train/crops_global_then_local": crops_picture(self._last_crops)}

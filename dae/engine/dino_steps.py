@@ -1,4 +1,9 @@
-"""Per-iteration steps of DINO training: per-parameter gradient clipping, last-layer freeze, EMA teacher."""
+"""The DINO-specific parts of a training iteration: the last-layer freeze and the EMA teacher.
+
+:class:`~dae.engine.dino.DinoTrainer` calls them from its step hooks; the per-parameter gradient clipping is
+:func:`dae.engine.step.clip_gradients` with ``mode="per_parameter"``, and the momentum schedule a
+:class:`~dae.utils.schedules.CosineSchedule`.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +11,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from dae.engine.schedules import warmup_cosine
-
-__all__ = ["cancel_last_layer_gradients", "clip_gradients_per_parameter", "teacher_momentum", "update_teacher"]
+__all__ = ["cancel_last_layer_gradients", "update_teacher"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
-
-
-@torch.no_grad()
-def clip_gradients_per_parameter(model: nn.Module, clip: float) -> torch.Tensor:
-    """Clip the gradient of each parameter of ``model`` separately to L2 norm ``clip``, as DINO does.
-
-    This is not a clipping of the global norm: every parameter whose gradient norm exceeds ``clip`` is
-    rescaled to (just under) ``clip``, the others are left unchanged. With fp16 gradient scaling, unscale the
-    gradients first. Call it after the backward pass and before the optimizer step.
-
-    Args:
-        model: the student (DDP-wrapped or not).
-        clip: maximum gradient norm per parameter; ``clip <= 0`` only measures.
-
-    Returns:
-        The global L2 norm of all gradients before clipping (fp32 scalar; 0 when no parameter has one).
-    """
-    grads = [param.grad for param in model.parameters() if param.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = [torch.linalg.vector_norm(grad.float()) for grad in grads]
-    if clip > 0:
-        for grad, norm in zip(grads, norms):
-            # A tensor factor capped at 1 instead of the reference's `if coef < 1`: no device synchronisation.
-            grad.mul_((clip / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
-    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_epochs: int) -> None:
@@ -87,8 +64,3 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
                 f"teacher {tuple(teacher_param.shape)}"
             )
         teacher_param.mul_(momentum).add_(student_param.detach(), alpha=1 - momentum)
-
-
-def teacher_momentum(step: int, total_steps: int, base: float) -> float:
-    """Teacher EMA momentum at iteration ``step``: cosine from ``base`` (step 0) to 1 (step ``total_steps - 1``)."""
-    return warmup_cosine(step, base_lr=base, total_steps=total_steps, min_lr=1.0)

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from dae.engine.lars import LARS
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "param_groups"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "param_groups", "scaled_lr"]
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
 
@@ -57,3 +57,10 @@ def build_optimizer(
     if key == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def scaled_lr(lr: float, total_batch_size: int, reference_batch_size: int = 256) -> float:
+    """The linear scaling rule of DINO and DAX: ``lr`` is given for ``reference_batch_size`` images per step."""
+    if total_batch_size < 1 or reference_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {total_batch_size} and {reference_batch_size}")
+    return lr * total_batch_size / reference_batch_size

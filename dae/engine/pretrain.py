@@ -11,9 +11,9 @@ from torch import nn
 
 from dae.disruptions import BatchDisruption
 from dae.engine.trainer import Trainer
-from dae.engine.visualize import orthogonal_slices_grid
 from dae.losses import DAELoss
 from dae.utils.dist import all_reduce_mean
+from dae.utils.pictures import orthogonal_slices_grid
 from dae.utils.seed import restore_rng_state
 
 __all__ = ["PretrainTrainer"]

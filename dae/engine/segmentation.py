@@ -1,41 +1,39 @@
-"""Supervised fine-tuning for segmentation, validated on whole volumes with sliding-window inference."""
+"""Supervised fine-tuning for segmentation, validated by an injected whole-volume evaluator."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from dae.engine.seg_eval import evaluate_segmentation, summarise_cases, write_tables
 from dae.engine.trainer import Trainer
-from dae.utils.dist import is_main_process
 from dae.utils.seed import restore_rng_state
 
 __all__ = ["SegmentationTrainer"]
-
-logger = logging.getLogger(__name__)
 
 
 class SegmentationTrainer(Trainer):
     """Fine-tune a segmentation network (e.g. MONAI ``SwinUNETR``) on labelled crops.
 
-    Training minimises ``loss_function(logits, label)`` (e.g. ``DiceCELoss``) on random crops; validation
-    segments every validation volume whole with ``inferer`` (sliding windows) and reports the mean Dice over
-    foreground classes, which selects ``best.pt``, plus per-class Dice (and HD95 when ``val_hd95``). The
-    per-case table of each validation is written to ``output_dir/validation/``.
+    Training minimises ``loss_function(logits, label)`` (e.g. ``DiceCELoss``) on random crops. Validation is
+    ``evaluator(network)``, e.g. :class:`dae.evaluation.volumes.SegmentationEvaluator` (sliding windows over
+    every validation volume, per-class Dice, tables in ``output_dir/validation/``), called under the trainer's
+    validation seeding every ``val_interval`` epochs; its ``mean_dice`` selects ``best.pt``.
 
     Args:
         network: maps (B, C_in, X, Y, Z) to (B, num_classes, X, Y, Z) logits.
         loss_function: takes logits and the integer label map (B, 1, X, Y, Z).
-        inferer: whole-volume inferer called as ``inferer(images, network)``.
-        class_names: names of all classes, background first (their number is the number of classes).
-        val_hd95: also compute HD95 at validation (slower; always computed by ``evaluate``).
+        evaluator: ``network -> (metrics, pictures)``, the metrics (averaged over ranks) with ``mean_dice``,
+            the pictures ``{tag: (C, H, W) in [0, 1]}``; required with ``val_loader`` (which schedules it and
+            whose dataset is seeded for it).
         image_key: batch key of the images.
         label_key: batch key of the label maps.
         **kwargs: the loop settings of :class:`~dae.engine.trainer.Trainer`.
+
+    Raises:
+        ValueError: when only one of ``val_loader`` and ``evaluator`` is given.
     """
 
     best_metric = "mean_dice"
@@ -46,25 +44,22 @@ class SegmentationTrainer(Trainer):
         self,
         network: nn.Module,
         loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        inferer: Callable[[torch.Tensor, nn.Module], torch.Tensor],
-        class_names: Sequence[str],
-        val_hd95: bool = False,
+        evaluator: Callable[[nn.Module], tuple[dict[str, float], dict[str, torch.Tensor]]] | None = None,
         image_key: str = "image",
         label_key: str = "label",
         **kwargs: Any,
     ) -> None:
         super().__init__(network, **kwargs)
-        if len(class_names) < 2:
-            raise ValueError(f"class_names must list the background and at least one class, got {class_names}")
+        if (self.val_loader is None) != (evaluator is None):
+            raise ValueError(
+                "val_loader and evaluator go together: the val_loader schedules the evaluator (e.g. a "
+                f"dae.evaluation.volumes.SegmentationEvaluator over it); got val_loader={self.val_loader!r}, "
+                f"evaluator={evaluator!r}"
+            )
         self.loss_function = loss_function
-        self.inferer = inferer
-        self.class_names = list(class_names)
-        self.val_hd95 = val_hd95
+        self.evaluator = evaluator
         self.image_key = image_key
         self.label_key = label_key
-
-    def describe(self) -> str:
-        return f"{type(self.model).__name__} for {len(self.class_names)} classes"
 
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         images = self.to_device(batch[self.image_key]).float()
@@ -75,23 +70,9 @@ class SegmentationTrainer(Trainer):
         return {"loss": self.loss_function(logits.float(), labels)}
 
     def validate(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        assert self.val_loader is not None
+        """The evaluator's metrics and pictures, with the validation generators seeded."""
+        assert self.val_loader is not None and self.evaluator is not None
         outer_rng, _ = self.validation_seeding()
-        cases, picture = evaluate_segmentation(
-            self.model,
-            self.val_loader,
-            self.inferer,
-            num_classes=len(self.class_names),
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            hd95=self.val_hd95,
-            image_key=self.image_key,
-            label_key=self.label_key,
-        )
+        metrics, pictures = self.evaluator(self.model)
         restore_rng_state(outer_rng)
-        summary = summarise_cases(cases, self.class_names[1:])
-        if is_main_process():
-            write_tables(cases, summary, self.class_names[1:], self.output_dir / "validation")
-        metrics = {k: v for k, v in summary.items() if k.startswith("mean_")}
-        metrics.update({k: v for k, v in summary.items() if "/" in k})
-        return metrics, {} if picture is None else {"val/label_vs_prediction": picture}
+        return metrics, pictures

@@ -32,7 +32,12 @@ def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float, mode: st
     if not params:
         return torch.zeros(())
     if mode == "global":
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        # Measured apart from the clipping, so that "only measure" never touches the gradients (an infinite
+        # norm would otherwise turn every gradient into NaN through the factor inf / inf).
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in params]
     if max_norm > 0:
         for param, norm in zip(params, norms):

@@ -1,14 +1,16 @@
 """The training loop shared by every task: one readable class that the task trainers specialise.
 
 A task trainer says how a batch becomes losses (:meth:`Trainer.compute_losses`) and how to validate
-(:meth:`Trainer.validate`); this class does the rest: mixed precision, gradient clipping, a per-iteration
-warm-up + cosine schedule, DDP, validation scheduling and best-model tracking, atomic checkpoints with exact
-resumption, per-iteration and per-epoch metric files, TensorBoard and a progress bar.
+(:meth:`Trainer.validate`), and may hook into the one training step (:meth:`Trainer.train_step`): set more
+scheduled values (:meth:`Trainer.before_step`), touch the gradients before the update
+(:meth:`Trainer.before_update`), or update other networks after it (:meth:`Trainer.after_step`). This class
+does the rest: mixed precision, gradient clipping, a per-iteration warm-up + cosine learning rate, DDP,
+validation scheduling and best-model tracking, atomic checkpoints with exact resumption, per-iteration and
+per-epoch metric files, TensorBoard and a progress bar.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -23,20 +25,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, DistributedSampler
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from dae.engine.schedules import WarmupCosineSchedule
+from dae.engine.run_log import RunLog
+from dae.engine.step import CLIP_MODES, backward_step
 from dae.utils.checkpoint import load_checkpoint, save_checkpoint
 from dae.utils.dist import all_reduce_mean, barrier, get_rank, is_distributed, is_main_process
+from dae.utils.precision import amp_dtype
+from dae.utils.schedules import CosineSchedule
 from dae.utils.seed import capture_rng_state, restore_rng_state, seed_everything
 from dae.utils.tensors import autocast, plain_tensor
 
-__all__ = ["AMP_DTYPES", "Trainer"]
+__all__ = ["Trainer"]
 
 logger = logging.getLogger(__name__)
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _VAL_SEED_OFFSET = 9973
 
 
@@ -47,14 +50,16 @@ class Trainer:
 
     - ``checkpoints/latest.pt`` after every epoch, ``checkpoints/best.pt`` when the validation metric
       improves, ``checkpoints/epoch_NNNN.pt`` every ``save_interval`` epochs; each holds ``model``,
-      ``optimizer``, ``scheduler``, ``scaler``, ``epoch``, ``global_step``, the best metric and the generator
-      states, and loads with ``torch.load(..., weights_only=True)``;
+      ``optimizer``, ``scaler``, ``epoch``, ``global_step``, the best metric and the generator states (the
+      schedules are functions of ``global_step``, so they need no state), and loads with
+      ``torch.load(..., weights_only=True)``;
     - ``metrics/train_steps.jsonl`` (one line per iteration) and ``metrics/epochs.jsonl`` (one per epoch);
     - ``tensorboard/`` with the losses, learning rate, gradient norm, data-wait share and pictures.
 
     Args:
         network: the model.
-        optimizer: built over ``network``'s parameters (see :func:`dae.engine.param_groups`).
+        optimizer: built over ``network``'s parameters (see :func:`dae.engine.param_groups`); the ``lr`` of
+            each group is the peak of its learning-rate schedule (kept as the group's ``initial_lr``).
         train_loader: the training loader.
         output_dir: the run folder.
         max_epochs: epochs of the whole run (the learning-rate schedule spans them).
@@ -62,6 +67,8 @@ class Trainer:
         device: where to train.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (with a gradient scaler).
         clip_grad: maximum gradient norm; 0 disables clipping (the norm is still logged).
+        clip_mode: ``"global"`` (one norm over all gradients) or ``"per_parameter"`` (each parameter's
+            gradient on its own, as DINO does); see :func:`dae.engine.step.clip_gradients`.
         warmup_epochs: linear warm-up length in epochs (may be fractional; converted to iterations).
         warmup_lr: learning rate at the first iteration.
         min_lr: learning rate at the last iteration.
@@ -84,6 +91,8 @@ class Trainer:
     summary_keys: tuple[str, ...] = ("loss",)
     #: checkpoint key of the trained network's state dict
     model_key: str = "model"
+    #: advice appended to the error raised when the loss is not finite
+    non_finite_hint: str = ""
 
     def __init__(
         self,
@@ -96,6 +105,7 @@ class Trainer:
         device: str | torch.device = "cpu",
         amp: str = "none",
         clip_grad: float = 1.0,
+        clip_mode: str = "global",
         warmup_epochs: float = 0.0,
         warmup_lr: float = 0.0,
         min_lr: float = 0.0,
@@ -109,8 +119,9 @@ class Trainer:
         epochs_per_run: int | None = None,
         progress: bool = True,
     ) -> None:
-        if amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        self.amp, self.amp_dtype = amp, amp_dtype(amp)
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode must be one of {list(CLIP_MODES)}, got {clip_mode!r}")
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
         if len(train_loader) == 0:
@@ -122,43 +133,64 @@ class Trainer:
         self.val_loader = val_loader
         self.output_dir = Path(output_dir)
         self.max_epochs = max_epochs
-        self.amp_dtype = AMP_DTYPES[amp]
         self.clip_grad = clip_grad
+        self.clip_mode = clip_mode
         self.val_interval = max(val_interval, 1)
         self.save_interval = save_interval
         self.image_interval = image_interval
-        self.log_interval = max(log_interval, 1)
         self.seed = seed
         self.epochs_per_run = epochs_per_run
         self.progress = progress
         self.rank = get_rank()
 
         self.steps_per_epoch = len(train_loader)
-        total_steps = max_epochs * self.steps_per_epoch
-        self.scheduler = WarmupCosineSchedule(
-            optimizer,
-            total_steps=total_steps,
-            warmup_steps=min(round(warmup_epochs * self.steps_per_epoch), total_steps),
-            warmup_lr=warmup_lr,
-            min_lr=min_lr,
-        )
+        self.total_steps = max_epochs * self.steps_per_epoch
+        self.warmup_steps = min(round(warmup_epochs * self.steps_per_epoch), self.total_steps)
+        self.warmup_lr = warmup_lr
+        self.min_lr = min_lr
+        self.lr_schedules = self._lr_schedules()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
         self.epoch = 0
         self.global_step = 0
         self.best_value = math.inf if self.best_mode == "min" else -math.inf
-        self.writer: SummaryWriter | None = None
         self.ckpt_dir = self.output_dir / "checkpoints"
-        self.metrics_dir = self.output_dir / "metrics"
+        self.log = RunLog(self.output_dir, log_interval)
         self._resume_path = Path(resume_from) if resume_from else self.ckpt_dir / "latest.pt"
         self._resume = bool(resume_from) or (resume and self._resume_path.is_file())
         self._rng_to_restore: dict[str, Any] | None = None
         self.ddp_model: nn.Module = self.model
 
     # ------------------------------------------------------------------ task hooks
+    def before_step(self) -> dict[str, float]:
+        """Set the scheduled values of this iteration (``self.global_step``) and return them for the record.
+
+        The base sets the learning rate of every parameter group from its schedule (:attr:`lr_schedules`)
+        and returns ``{"lr": <lr of group 0>}``. A subclass that schedules more (weight decay, momentum ...)
+        calls ``super().before_step()`` and adds its values, which are logged with the losses.
+        """
+        for group, schedule in zip(self.optimizer.param_groups, self.lr_schedules, strict=True):
+            group["lr"] = schedule(self.global_step)
+        return {"lr": self.optimizer.param_groups[0]["lr"]}
+
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Forward one training batch; return fp32 scalar losses, the total under ``"loss"``."""
+        """Forward one training batch; return fp32 scalar losses, the total under ``"loss"``.
+
+        Every entry is logged; only ``"loss"`` is back-propagated.
+        """
         raise NotImplementedError
+
+    def before_update(self) -> None:
+        """Called after the gradients are unscaled and clipped, before the optimizer update (nothing by default).
+
+        E.g. DINO drops the gradients of its head's last layer during the first epochs.
+        """
+
+    def after_step(self) -> None:
+        """Called after the optimizer update, ``self.global_step`` still this iteration's (nothing by default).
+
+        E.g. DINO moves its teacher towards the student.
+        """
 
     def validate(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Validation metrics (averaged over all ranks) and pictures ``{tag: (C, H, W) tensor in [0, 1]}``."""
@@ -176,6 +208,19 @@ class Trainer:
         """Restore what :meth:`extra_state` saved."""
 
     # ------------------------------------------------------------------ helpers for the hooks
+    def _lr_schedules(self) -> list[CosineSchedule]:
+        """One learning-rate schedule per parameter group, peaking at the group's ``initial_lr``."""
+        return [
+            CosineSchedule(
+                peak=group.setdefault("initial_lr", group["lr"]),
+                end=self.min_lr,
+                total_steps=self.total_steps,
+                warmup_steps=self.warmup_steps,
+                start=self.warmup_lr,
+            )
+            for group in self.optimizer.param_groups
+        ]
+
     def autocast(self) -> torch.autocast:
         """The mixed-precision context of this run (a no-op when ``amp`` is ``"none"``)."""
         return autocast(self.device, self.amp_dtype)
@@ -205,7 +250,6 @@ class Trainer:
         return {
             self.model_key: self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
@@ -216,15 +260,19 @@ class Trainer:
         }
 
     def load(self, path: str | Path) -> None:
-        """Restore the model, optimizer, scheduler, scaler, counters and generators from a checkpoint."""
+        """Restore the model, optimizer, scaler, counters and generators from a checkpoint.
+
+        A ``scheduler`` entry (written by earlier versions) is ignored: the schedules follow ``global_step``,
+        and each group's peak learning rate comes back with the optimizer's ``initial_lr``.
+        """
         state = load_checkpoint(path, map_location="cpu")
-        required = (self.model_key, "optimizer", "scheduler", "epoch", "global_step", "rng")
+        required = (self.model_key, "optimizer", "epoch", "global_step", "rng")
         missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"{path} is not a resumable checkpoint of this trainer: missing {missing}")
         self.model.load_state_dict(state[self.model_key])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.lr_schedules = self._lr_schedules()
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
@@ -253,27 +301,44 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step, one epoch
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """One optimisation step; returns the losses, learning rate and gradient norm."""
+        """The one optimisation step of every trainer; returns the losses, scheduled values and gradient norm.
+
+        :meth:`before_step`, :meth:`compute_losses`, a check that the loss is finite, then
+        :func:`~dae.engine.step.backward_step` (clipping with ``clip_grad`` and ``clip_mode`` over the model's
+        parameters, :meth:`before_update` before the update), then :meth:`after_step`.
+
+        Raises:
+            FloatingPointError: when the loss is not finite (nothing is updated).
+        """
+        scheduled = self.before_step()
         losses = self.compute_losses(batch)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step}: "
-                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            )
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad if self.clip_grad > 0 else math.inf)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self._check_finite(losses, scheduled)
+        grad_norm = backward_step(
+            losses["loss"],
+            self.optimizer,
+            parameters=self.model.parameters(),
+            scaler=self.scaler,
+            clip_grad=self.clip_grad,
+            clip_mode=self.clip_mode,
+            before_update=self.before_update,
+        )
+        self.after_step()
         self.global_step += 1
         record = {k: float(v.detach()) for k, v in losses.items()}
-        record.update(lr=lr, grad_norm=float(grad_norm))
+        record.update(scheduled)
+        record["grad_norm"] = float(grad_norm)
         return record
+
+    def _check_finite(self, losses: Mapping[str, torch.Tensor], scheduled: Mapping[str, float]) -> None:
+        if torch.isfinite(losses["loss"]):
+            return
+        message = (
+            f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step} ("
+            + ", ".join(f"{k} {v:.3g}" for k, v in scheduled.items())
+            + "): "
+            + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        )
+        raise FloatingPointError(f"{message}; {self.non_finite_hint}" if self.non_finite_hint else message)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training loader; returns the epoch means (averaged over ranks)."""
@@ -294,19 +359,13 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        steps_file = self.metrics_dir / "train_steps.jsonl"
         tic = time.perf_counter()
         for batch in self.train_loader:
             wait += time.perf_counter() - tic
             record = self.train_step(batch)
             for key, value in record.items():
                 sums[key] += value
-            if is_main_process():
-                with steps_file.open("a") as f:
-                    f.write(json.dumps({"step": self.global_step, "epoch": self.epoch + 1, **record}) + "\n")
-                if self.writer is not None and self.global_step % self.log_interval == 0:
-                    for key, value in record.items():
-                        self.writer.add_scalar(f"train_step/{key}", value, self.global_step)
+            self.log.step(self.global_step, self.epoch + 1, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             bar.update()
             tic = time.perf_counter()
@@ -316,49 +375,9 @@ class Trainer:
         means["data_wait_fraction"] = wait / max(time.perf_counter() - start, 1e-9)
         return means
 
-    # ------------------------------------------------------------------ logging
-    def _log_epoch(self, train: dict[str, float], val: dict[str, float] | None, seconds: float) -> None:
-        if not is_main_process():
-            return
-        record: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step, "seconds": seconds}
-        record.update({f"train_{k}": v for k, v in train.items()})
-        record.update({f"val_{k}": v for k, v in (val or {}).items()})
-        with (self.metrics_dir / "epochs.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        assert self.writer is not None
-        for key, value in train.items():
-            self.writer.add_scalar(f"train/{key}", value, self.epoch)
-        for key, value in (val or {}).items():
-            self.writer.add_scalar(f"val/{key}", value, self.epoch)
-        self.writer.flush()
-        special = ("loss", "lr", "grad_norm", "data_wait_fraction")
-        parts = ", ".join(f"{k} {v:.4f}" for k, v in train.items() if k not in special)
-        message = f"epoch {self.epoch}/{self.max_epochs}  train loss {train['loss']:.4f}"
-        message += f" ({parts})" if parts else ""
-        message += (
-            f"  lr {train['lr']:.2e}  grad-norm {train['grad_norm']:.3f}  data-wait {train['data_wait_fraction']:.0%}"
-        )
-        if val is not None:
-            message += "  | val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "/" not in k)
-        logger.info("%s  [%.1fs]", message, seconds)
-
-    def _log_pictures(self, pictures: Mapping[str, torch.Tensor]) -> None:
-        if self.writer is not None:
-            for tag, picture in pictures.items():
-                self.writer.add_image(tag, picture, self.epoch, dataformats="CHW")
-
-    def _trim_history(self) -> None:
-        """Drop metric lines written after the checkpoint we resume from (a crash between two saves)."""
-        for name, key, last in (("train_steps.jsonl", "step", self.global_step), ("epochs.jsonl", "epoch", self.epoch)):
-            path = self.metrics_dir / name
-            if path.is_file():
-                lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)[key] <= last]
-                path.write_text("".join(ln + "\n" for ln in lines))
-
     def history(self) -> list[dict[str, Any]]:
         """The per-epoch records of this run so far, including epochs run before a resume."""
-        path = self.metrics_dir / "epochs.jsonl"
-        return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
+        return self.log.history()
 
     def describe(self) -> str:
         """One line on what is being trained, for the start of the log."""
@@ -376,20 +395,11 @@ class Trainer:
         else:
             seed_everything(self.seed + self.rank)
         self.wrap_ddp()
-        if is_main_process():
-            self.metrics_dir.mkdir(parents=True, exist_ok=True)
-            self._trim_history()
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.global_step or None)
-            logger.info(
-                "training %s for %d epochs x %d iterations from epoch %d on %s (amp=%s), output %s",
-                self.describe(),
-                self.max_epochs,
-                self.steps_per_epoch,
-                self.epoch,
-                self.device,
-                self.amp_dtype,
-                self.output_dir,
-            )
+        headline = (
+            f"training {self.describe()} for {self.max_epochs} epochs x {self.steps_per_epoch} iterations from epoch "
+            f"{self.epoch} on {self.device} (amp={self.amp}), output {self.output_dir}"
+        )
+        self.log.open(self.global_step, self.epoch, headline, enabled=is_main_process())
         last = (
             self.max_epochs if self.epochs_per_run is None else min(self.max_epochs, self.epoch + self.epochs_per_run)
         )
@@ -400,39 +410,13 @@ class Trainer:
             val, pictures = None, {}
             if self.val_loader is not None and (self.epoch % self.val_interval == 0 or self.epoch == self.max_epochs):
                 val, pictures = self.validate()
-            self._log_epoch(train, val, time.perf_counter() - start)
-            if self.image_interval and self.epoch % self.image_interval == 0 and is_main_process():
-                self._log_pictures({**pictures, **self.train_pictures()})
-            self._save(val)
-        if is_main_process():
-            self._summarise()
-            if self.writer is not None:
-                self.writer.close()
-        return self.history()
-
-    def _summarise(self) -> None:
-        history = self.history()
-        if history:
-            first, last = history[0], history[-1]
-            for key in self.summary_keys:
-                if f"train_{key}" in first:
-                    logger.info(
-                        "%s (train): epoch %d %.4f -> epoch %d %.4f",
-                        key,
-                        first["epoch"],
-                        first[f"train_{key}"],
-                        last["epoch"],
-                        last[f"train_{key}"],
+                if self.best_metric not in val:
+                    raise KeyError(
+                        f"validation returned {sorted(val)}, without the best-model metric {self.best_metric!r}"
                     )
-            val_epochs = [h for h in history if f"val_{self.best_metric}" in h]
-            if val_epochs:
-                logger.info(
-                    "%s (validation): epoch %d %.4f -> epoch %d %.4f; best %.4f",
-                    self.best_metric,
-                    val_epochs[0]["epoch"],
-                    val_epochs[0][f"val_{self.best_metric}"],
-                    val_epochs[-1]["epoch"],
-                    val_epochs[-1][f"val_{self.best_metric}"],
-                    self.best_value,
-                )
-        logger.info("checkpoints in %s, TensorBoard logs in %s", self.ckpt_dir, self.output_dir / "tensorboard")
+            self.log.epoch(self.epoch, self.max_epochs, self.global_step, train, val, time.perf_counter() - start)
+            if self.image_interval and self.epoch % self.image_interval == 0 and is_main_process():
+                self.log.pictures({**pictures, **self.train_pictures()}, self.epoch)
+            self._save(val)
+        self.log.close(self.summary_keys, self.best_metric, self.best_value, self.ckpt_dir)
+        return self.history()

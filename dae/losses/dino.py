@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dae.utils.dist import all_reduce_mean
+from dae.utils.schedules import CosineSchedule
 
 __all__ = ["DINOLoss"]
 
@@ -99,18 +100,22 @@ class DINOLoss(nn.Module):
         self.nepochs = nepochs
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        # The reference's linspace(warmup_teacher_temp, teacher_temp, W): teacher_temp W - 1 epochs in; with
+        # W = 1, epoch 0 alone is at the warm-up value, which a one-epoch ramp gives too.
+        self.temperature_schedule = CosineSchedule(
+            peak=teacher_temp,
+            end=teacher_temp,
+            total_steps=nepochs,
+            warmup_steps=max(warmup_teacher_temp_epochs - 1, 1) if warmup_teacher_temp_epochs else 0,
+            start=warmup_teacher_temp,
+        )
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_temperature(self, epoch: int) -> float:
         """Teacher temperature at ``epoch`` (0-based); epochs past ``nepochs`` keep the final value."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        warmup = self.warmup_teacher_temp_epochs
-        if epoch >= warmup:
-            return self.teacher_temp
-        if warmup == 1:
-            return self.warmup_teacher_temp
-        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / (warmup - 1)
+        return self.temperature_schedule(epoch)
 
     def forward(
         self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int

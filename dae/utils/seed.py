@@ -7,15 +7,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.utils import set_determinism
 
 __all__ = ["capture_rng_state", "restore_rng_state", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and all GPUs)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and all GPUs) with ``seed mod 2**32``.
+
+    This is ``monai.utils.set_determinism(seed)``, which also records the seed for the MONAI transforms built
+    afterwards (``monai.utils.get_seed``), but the cuDNN flags are left as they were: ``set_determinism``
+    would set ``torch.backends.cudnn.deterministic = True`` and ``benchmark = False``, and the training loop
+    re-seeds before every validation, so a run would switch to the deterministic (often slower) kernels
+    and lose ``benchmark`` after its first validation. Set those flags yourself for bit-exact GPU runs.
+    """
+    deterministic, benchmark = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    set_determinism(seed)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, benchmark
 
 
 def capture_rng_state() -> dict[str, Any]:
