@@ -28,6 +28,7 @@ from dae.data.labels import (
     totalsegmentator_to_btcv,
 )
 from dae.data.loaders import split_loaders
+from dae.data.multicrop import DINOMultiCrop, MultiCropd
 from dae.data.readers import SimpleITKReader, find_dicom_series
 from dae.data.splits import (
     assign_patients,
@@ -42,8 +43,6 @@ from dae.data.xray import XRAY_EXTENSIONS, LoadXRayd, make_xray_datalist, read_x
 from dae.data.xray_transforms import (
     PREPROCESSING_NAMES,
     DAXPreprocessd,
-    DINOMultiCrop,
-    MultiCropd,
     RandDAXPreprocessd,
     dax_preprocess,
     xray_preprocessing,
