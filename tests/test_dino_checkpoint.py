@@ -92,6 +92,7 @@ def test_original_dino_vit_checkpoint(tmp_path: Path, student: MultiCropWrapper,
     assert not report.missing and not report.unexpected and not report.converted
 
     fresh = _wrapper(seed=3)
+    assert load_dino_wrapper_state(fresh, None) is None  # a config's "no pretrained weights"
     report = load_dino_wrapper_state(fresh, path)  # student by default
     assert not report.missing and not report.unexpected
     _assert_state_equal(fresh.state_dict(), student.state_dict())

@@ -1,4 +1,5 @@
-"""Tests of the feature extractors (`dae.evaluation.features`) and the HF DINOv2 loader (`dae.models.hf_dinov2`)."""
+"""Tests of the feature extractors (`dae.evaluation.features`), the backbone factory (`dae.models.factory`) and the
+HF DINOv2 loader (`dae.models.hf_dinov2`)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from dae.evaluation.features import (
+    AdaptedExtractor,
     DAE3DExtractor,
     DinoBackboneExtractor,
     HFDinov2Extractor,
-    ProbeFeatures,
     build_extractor,
     extract_features,
-    pca_rgb,
 )
 from dae.evaluation.featureset import FeatureSet
+from dae.evaluation.finetune import ProbeFeatures
 from dae.models.backbone2d import build_backbone
 from dae.models.dae import DisruptiveAutoencoder
 from dae.models.hf_dinov2 import RAD_DINO_MEAN, RAD_DINO_STD, RadDinoPreprocess, load_hf_dinov2
+from dae.utils.pictures import pca_rgb
 
 transformers = pytest.importorskip("transformers")  # the optional "hf" extra
 
@@ -242,7 +244,8 @@ def test_dae3d_extractor_shapes_and_projection_input() -> None:
 
 def test_build_extractor_kinds_and_errors(hf_folder, vit16, tmp_path: Path) -> None:
     random_vit = build_extractor({"kind": "dino", "arch": "vit_tiny", "patch_size": 8, "checkpoint": None})
-    assert isinstance(random_vit, DinoBackboneExtractor) and random_vit.patch_size == 8 and random_vit.n_blocks == 4
+    assert isinstance(random_vit.extractor, DinoBackboneExtractor)
+    assert random_vit.patch_size == 8 and random_vit.n_blocks == 4
 
     torch.save(vit16.state_dict(), tmp_path / "vit.pth")
     loaded = build_extractor({"kind": "dino", "arch": "vit_tiny", "checkpoint": str(tmp_path / "vit.pth")})
@@ -251,7 +254,7 @@ def test_build_extractor_kinds_and_errors(hf_folder, vit16, tmp_path: Path) -> N
         torch.testing.assert_close(loaded(x)["cls"], vit16(x))
 
     hf = build_extractor({"kind": "hf_dinov2", "path": str(hf_folder[0]), "n_last_blocks": 1})
-    assert isinstance(hf, HFDinov2Extractor) and hf.n_blocks == 1
+    assert isinstance(hf.extractor, HFDinov2Extractor) and hf.n_blocks == 1
 
     torch.manual_seed(0)
     dae = DisruptiveAutoencoder(**TINY_DAE).eval()
@@ -262,7 +265,7 @@ def test_build_extractor_kinds_and_errors(hf_folder, vit16, tmp_path: Path) -> N
     with torch.no_grad():
         torch.testing.assert_close(build_extractor(spec)(volume)["cls"], DAE3DExtractor(dae)(volume)["cls"])
 
-    with pytest.raises(ValueError, match="unknown extractor kind"):
+    with pytest.raises(ValueError, match="unknown backbone kind"):
         build_extractor({"kind": "clip"})
     with pytest.raises(ValueError, match=r"lacks \['checkpoint'\]"):
         build_extractor({"kind": "dino", "arch": "vit_tiny"})
@@ -270,6 +273,26 @@ def test_build_extractor_kinds_and_errors(hf_folder, vit16, tmp_path: Path) -> N
         build_extractor({"kind": "hf_dinov2", "path": "x", "patch": 14})
     with pytest.raises(ValueError, match="needs 'arch'"):
         build_extractor({"kind": "dino", "checkpoint": None})
+
+
+def test_adapted_extractor_fits_grey_images_to_the_backbone(vit16) -> None:
+    extractor = DinoBackboneExtractor(vit16, n_last_blocks=2)
+    grey = torch.rand(2, 1, 24, 40, generator=torch.Generator().manual_seed(0))
+    adapted = AdaptedExtractor(extractor, input_size=32, mean=0.5, std=0.25)
+    assert (adapted.in_chans, adapted.embed_dim, adapted.patch_size, adapted.n_blocks) == (3, 192, 16, 2)
+    expected = torch.nn.functional.interpolate(grey, size=(32, 32), mode="bicubic", antialias=True)
+    torch.testing.assert_close(adapted.adapt(grey), ((expected - 0.5) / 0.25).expand(-1, 3, -1, -1))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(grey)["cls"], extractor(adapted.adapt(grey))["cls"])
+    plain = AdaptedExtractor(extractor)
+    rgb = _x(1, 3, 32, 32)
+    assert torch.equal(plain.adapt(rgb), rgb)
+    with pytest.raises(ValueError, match="mean and std"):
+        AdaptedExtractor(extractor, mean=0.5)
+    spec = {"kind": "dino", "arch": "vit_tiny", "checkpoint": None, "input_size": 32, "mean": 0.5, "std": 0.25}
+    assert build_extractor(spec).input_size == 32
+    with pytest.raises(ValueError, match=r"unknown keys.*allowed"):
+        build_extractor({**spec, "stage": 2})
 
 
 def test_extract_features_in_order_and_probe_features(vit16, resnet18) -> None:

@@ -18,13 +18,12 @@ from dae.evaluation import (
     ProbeSetting,
     knn_evaluate,
     knn_predict,
-    resolve_finetune_flag,
     resolve_metric,
     run_finetune,
     run_linear_probe,
     select_probe_setting,
-    str2bool,
 )
+from dae.utils.config import resolve_flag, str2bool
 
 DIM = 8
 
@@ -266,11 +265,11 @@ def test_unsupported_settings_are_skipped(caplog):
 
 def test_ties_go_to_the_smaller_lr_and_fewer_blocks(monkeypatch):
     train, val = make_set(60, seed=0), make_set(30, seed=1, prefix="v")
-    monkeypatch.setattr(lp, "_metric_value", lambda metric, scores, labels: 0.5)
+    monkeypatch.setattr(lp, "metric_value", lambda metric, scores, labels: 0.5)
     chosen, grid, _ = select_probe_setting(train, val, FAST)
     assert chosen == ProbeSetting(n_blocks=1, avgpool=False, lr=1e-3)
     assert {r["value"] for r in grid} == {0.5}
-    monkeypatch.setattr(lp, "_metric_value", lambda metric, scores, labels: math.nan)
+    monkeypatch.setattr(lp, "metric_value", lambda metric, scores, labels: math.nan)
     with pytest.raises(ValueError, match="undefined for every setting"):
         select_probe_setting(train, val, FAST)
 
@@ -302,9 +301,9 @@ def test_str2bool_and_the_fine_tune_flag():
     parser.add_argument("--fine-tune", type=str2bool, default=False)
     assert parser.parse_args(["--fine-tune", "False"]).fine_tune is False
     assert parser.parse_args(["--fine-tune", "true"]).fine_tune is True
-    assert resolve_finetune_flag("False") is False and resolve_finetune_flag(True) is True
+    assert resolve_flag("False", "fine_tune") is False and resolve_flag(True, "fine_tune") is True
     with pytest.raises(ValueError, match="fine_tune"):
-        resolve_finetune_flag("maybe")
+        resolve_flag("maybe", "fine_tune")
 
 
 # ------------------------------------------------------------------------------------------------- fine-tuning

@@ -1,4 +1,5 @@
-"""Tests of the segmentation probe (`dae.evaluation.seg_probe`), end to end on slices of the embedded chest CT."""
+"""Tests of the segmentation probe (`dae.evaluation.seg_probe`, heads in `dae.models.seg_heads`), end to end on
+slices of the embedded chest CT."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dae.evaluation.features import DinoBackboneExtractor, FeatureExtractor
-from dae.evaluation.metrics import dice_iou
-from dae.evaluation.seg_probe import LinearSegHead, UNetSegHead, _DiceIoU, run_seg_probe
+from dae.evaluation.seg_metrics import dice_iou, dice_iou_from_counts, overlap_counts
+from dae.evaluation.seg_probe import first_samples, run_seg_probe, seg_probe_picture
 from dae.models.backbone2d import build_backbone
+from dae.models.seg_heads import LinearSegHead, UNetSegHead, build_seg_head
 
 CT_DIR = Path(__file__).resolve().parents[1] / "data" / "ct" / "chest_ct"
 LIVER, LUNGS = (5,), (10, 11, 12, 13, 14)  # TotalSegmentator v2 ids (structures.csv)
@@ -87,6 +89,12 @@ def _squares(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return samples
 
 
+def streamed(batches: list[tuple[torch.Tensor, torch.Tensor]], names: list[str]) -> dict[str, dict[str, float]]:
+    """Dice and IoU from the overlap counts of several batches, as the probe's scoring accumulates them."""
+    counts = [overlap_counts(pred, target, len(names)) for pred, target in batches]
+    return dice_iou_from_counts(torch.cat([i for i, _ in counts]), torch.cat([t for _, t in counts]), names)
+
+
 def test_heads_output_sizes_and_init() -> None:
     grid = torch.randn(2, 16, 8, 8)
     linear = LinearSegHead(16, 3)
@@ -97,6 +105,11 @@ def test_heads_output_sizes_and_init() -> None:
     assert unet(torch.randn(1, 16, 4, 6), (56, 84)).shape == (1, 3, 56, 84)  # patch 14: x8 then resized
     with pytest.raises(ValueError, match="num_up_blocks"):
         UNetSegHead(16, 3, num_up_blocks=0)
+    assert isinstance(build_seg_head("linear", 16, 3, patch_size=14), LinearSegHead)
+    assert len(build_seg_head("unet", 16, 3, patch_size=8).blocks) == 3  # log2(8) x2 blocks
+    assert len(build_seg_head("unet", 16, 3, patch_size=14).blocks) == 3  # int(log2(14))
+    with pytest.raises(ValueError, match="decoder"):
+        build_seg_head("fpn", 16, 3, patch_size=16)
 
 
 def test_dice_iou_by_hand_and_like_metrics() -> None:
@@ -104,10 +117,7 @@ def test_dice_iou_by_hand_and_like_metrics() -> None:
     # image 1: class 1 absent in both -> skipped; class 2 pred 1 px, label 1 px, same -> Dice 1, IoU 1
     pred = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 2, 0]]])
     target = torch.tensor([[[0, 1, 1, 0]], [[0, 0, 2, 0]]])
-    meter = _DiceIoU(3)
-    meter.update(pred[:1], target[:1])
-    meter.update(pred[1:], target[1:])
-    scores = meter.compute(["bg", "a", "b"])
+    scores = streamed([(pred[:1], target[:1]), (pred[1:], target[1:])], ["bg", "a", "b"])
     assert scores["dice"] == pytest.approx({"macro": 0.75, "a": 0.5, "b": 1.0})
     assert scores["iou"] == pytest.approx({"macro": 2 / 3, "a": 1 / 3, "b": 1.0})
 
@@ -117,14 +127,10 @@ def test_dice_iou_by_hand_and_like_metrics() -> None:
         torch.randint(0, 4, (6, 9, 7), generator=generator),
     )
     target[0] = 0
-    meter = _DiceIoU(4)
-    meter.update(pred, target)
-    ours, reference = meter.compute(list("0123")), dice_iou(pred, target, 4, class_names=list("0123"))
+    ours, reference = streamed([(pred, target)], list("0123")), dice_iou(pred, target, 4, class_names=list("0123"))
     for metric in ("dice", "iou"):
         assert ours[metric] == pytest.approx(reference[metric])
-    empty = _DiceIoU(2)
-    empty.update(torch.zeros(1, 4), torch.zeros(1, 4))
-    assert math.isnan(empty.compute(["bg", "fg"])["dice"]["macro"])
+    assert math.isnan(streamed([(torch.zeros(1, 4), torch.zeros(1, 4))], ["bg", "fg"])["dice"]["macro"])
 
 
 def test_lr_selected_on_validation_only_and_test_used_once() -> None:
@@ -151,9 +157,33 @@ def test_lr_selected_on_validation_only_and_test_used_once() -> None:
 
     with pytest.raises(ValueError, match="decoder"):
         run_seg_probe(PoolExtractor(), train, val, test, 2, decoder="fpn")
+    with pytest.raises(ValueError, match="amp"):
+        run_seg_probe(PoolExtractor(), train, val, test, 2, amp="fp8")
     with pytest.raises(ValueError, match="labels must lie"):
         bad = [{"image": sample["image"], "label": 2 * sample["label"]} for sample in _squares(2, 3)]
         run_seg_probe(PoolExtractor(), DataLoader(bad, batch_size=2), val, test, 2, epochs=1)
+
+
+def test_result_rows_and_picture() -> None:
+    test = DataLoader(_squares(6, 2), batch_size=4)
+    result = run_seg_probe(
+        PoolExtractor(), DataLoader(_squares(8, 0), batch_size=4), DataLoader(_squares(4, 1), batch_size=4), test, 2,
+        learning_rates=(0.0, 0.5), epochs=3, optimizer="adamw", class_names=["bg", "square"],
+    )  # fmt: skip
+    dice, iou = result.rows()
+    assert dice == {
+        "protocol": "seg_probe",
+        "setting": "linear:lr=0.5",
+        "metric": "dice",
+        "value": result.test["dice"]["macro"],
+        "per_class": {"square": result.test["dice"]["square"]},
+        "val_dice": result.val_dice[0.5],
+    }
+    assert iou["metric"] == "iou" and iou["value"] == result.test["iou"]["macro"]
+    images, labels = first_samples(test, 5, "image", "label", 2)
+    assert images.shape == (5, 1, 32, 32) and labels.shape == (5, 1, 32, 32)
+    picture = seg_probe_picture(PoolExtractor(), result, images[:2], labels[:2], ["bg", "square"])
+    assert picture.shape == (3, 2 * 160 + 2, 2 * 160) and 0.0 <= float(picture.min()) <= float(picture.max()) <= 1.0
 
 
 @pytest.mark.parametrize(

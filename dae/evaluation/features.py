@@ -13,10 +13,10 @@ A :class:`FeatureExtractor` maps images to a dict of
 
 Implementations: :class:`DinoBackboneExtractor` (our DINO-layout ViTs and ResNets), :class:`HFDinov2Extractor`
 (transformers DINOv2 models such as RAD-DINO) and :class:`DAE3DExtractor` (the Swin encoder of our 3D
-SwinUNETR / Disruptive Autoencoder). :func:`build_extractor` builds one from a config mapping,
-:func:`extract_features` runs one over a loader into a :class:`~dae.evaluation.featureset.FeatureSet`,
-:class:`ProbeFeatures` gives the linear-probe input for fine-tuning, and :func:`pca_rgb` colours patch
-features for pictures.
+SwinUNETR / Disruptive Autoencoder). :func:`build_extractor` builds one from a config mapping (the backbone
+from :func:`dae.models.factory.backbone_from_spec`) behind an :class:`AdaptedExtractor` that fits the loaders'
+images to it, and :func:`extract_features` runs one over a loader into a
+:class:`~dae.evaluation.featureset.FeatureSet`.
 """
 
 from __future__ import annotations
@@ -27,27 +27,27 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
 from dae.evaluation.featureset import FeatureSet
-from dae.models.backbone2d import build_backbone, is_vit
+from dae.models.backbone2d import is_vit
 from dae.models.dae import DisruptiveAutoencoder
-from dae.models.dino_checkpoint import load_backbone
-from dae.models.hf_dinov2 import load_hf_dinov2
-from dae.models.pretrained import load_pretrained_swinunetr
+from dae.models.factory import backbone_from_spec
+from dae.utils.precision import amp_dtype
 from dae.utils.tensors import autocast, plain_tensor
 
 __all__ = [
-    "EXTRACTOR_KINDS",
+    "EXTRACTORS",
+    "INPUT_OPTIONS",
+    "AdaptedExtractor",
     "DAE3DExtractor",
     "DinoBackboneExtractor",
     "FeatureExtractor",
     "HFDinov2Extractor",
-    "ProbeFeatures",
     "build_extractor",
     "extract_features",
-    "pca_rgb",
     "unpack_batch",
 ]
 
@@ -58,6 +58,7 @@ class FeatureExtractor(nn.Module, ABC):
     """Common interface: images in, ``{"cls", "patch_grid", "cls_blocks"}`` out (see the module docstring).
 
     Attributes:
+        in_chans: input channels C the extractor expects.
         embed_dim: feature width D of ``cls``, of each ``cls_blocks`` entry and of the ``patch_grid`` channels.
         patch_size: input pixels (voxels) per ``patch_grid`` cell along each axis, i.e. the grid's stride.
         n_blocks: number of entries in ``cls_blocks``.
@@ -66,6 +67,7 @@ class FeatureExtractor(nn.Module, ABC):
             is the grid's mean (CNNs, Swin encoders), so a patch-token mean adds nothing.
     """
 
+    in_chans: int
     embed_dim: int
     patch_size: int
     n_blocks: int
@@ -232,117 +234,80 @@ class DAE3DExtractor(FeatureExtractor):
         return {"cls": pooled, "patch_grid": grid, "cls_blocks": pooled[:, None]}
 
 
-EXTRACTOR_KINDS: dict[str, dict[str, tuple[str, ...]]] = {
-    "dino": {
-        "required": ("checkpoint",),
-        "optional": ("arch", "patch_size", "in_chans", "img_size", "checkpoint_key", "n_last_blocks"),
-    },
-    "hf_dinov2": {"required": ("path",), "optional": ("n_last_blocks",)},
-    "dae3d": {
-        "required": ("checkpoint",),
-        "optional": (
-            "fmt",
-            "in_channels",
-            "feature_size",
-            "depths",
-            "num_heads",
-            "window_size",
-            "use_v2",
-            "normalize",
-            "stage",
-        ),
-    },
-}
+class AdaptedExtractor(FeatureExtractor):
+    """An extractor behind the input adaptation its backbone expects, for loaders of images in [0, 1].
 
-
-def _check_spec(spec: Mapping[str, Any]) -> str:
-    kind = spec.get("kind")
-    if kind not in EXTRACTOR_KINDS:
-        raise ValueError(f"unknown extractor kind {kind!r}; expected one of {tuple(EXTRACTOR_KINDS)}")
-    keys = EXTRACTOR_KINDS[kind]
-    missing = [key for key in keys["required"] if key not in spec]
-    if missing:
-        raise ValueError(f"extractor spec of kind {kind!r} lacks {missing} (use null for a random-init checkpoint)")
-    unknown = sorted(set(spec) - {"kind", *keys["required"], *keys["optional"]})
-    if unknown:
-        allowed = [*keys["required"], *keys["optional"]]
-        raise ValueError(f"extractor spec of kind {kind!r} has unknown keys {unknown}; allowed: {allowed}")
-    return kind
-
-
-def build_extractor(spec: Mapping[str, Any]) -> FeatureExtractor:
-    """Build a feature extractor from a config mapping.
-
-    Kinds and keys (``checkpoint`` / ``path`` must be present; ``null`` checkpoints give random-init baselines):
-
-    ``{"kind": "dino", "checkpoint": path | null, "arch", "patch_size", "in_chans", "img_size",
-    "checkpoint_key": "teacher", "n_last_blocks": 4}``
-        Our / DINO / DAX checkpoints via :func:`~dae.models.dino_checkpoint.load_backbone` (``arch`` etc. may
-        come from the checkpoint); with a null checkpoint ``arch`` is required and the rest default to
-        ``build_backbone``'s (patch 16, 3 channels, 224).
-    ``{"kind": "hf_dinov2", "path": folder, "n_last_blocks": 4}``
-        A local transformers DINOv2 folder (RAD-DINO) via :func:`~dae.models.hf_dinov2.load_hf_dinov2`.
-    ``{"kind": "dae3d", "checkpoint": path | null, "fmt": "auto", "in_channels": 1, "feature_size": 48,
-    "depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24], "window_size": 7, "use_v2": false,
-    "normalize": true, "stage": 4}``
-        A 3D SwinUNETR encoder loaded with :func:`~dae.models.pretrained.load_pretrained_swinunetr`
-        (``parts="encoder"``; any of its formats: our DAE checkpoints, plain SwinUNETR, MONAI SSL, official DAE).
-
-    Args:
-        spec: the mapping.
-
-    Returns:
-        The extractor, in eval mode, on the CPU.
+    Casts to float32, resizes 2D images to ``input_size`` squares (bicubic, antialiased) when given, repeats a
+    grey channel to the extractor's ``in_chans``, and normalises with ``mean`` / ``std`` when given (e.g.
+    RAD-DINO: 518, 0.5307, 0.2583). The extractor's attributes are those of the wrapped one.
 
     Raises:
-        ValueError: for an unknown kind, a missing required key, an unknown key, or a null-checkpoint ``dino``
-            spec without ``arch``; loader errors propagate.
+        ValueError: for only one of ``mean`` and ``std``, or ``input_size`` on a 3D extractor.
     """
-    kind = _check_spec(spec)
-    extractor: FeatureExtractor
-    if kind == "dino":
-        n_last_blocks = spec.get("n_last_blocks", 4)
-        if spec["checkpoint"] is None:
-            if "arch" not in spec:
-                raise ValueError("a 'dino' spec with a null checkpoint needs 'arch'")
-            logger.info("extractor: randomly initialised %s (no checkpoint)", spec["arch"])
-            backbone = build_backbone(
-                spec["arch"],
-                patch_size=spec.get("patch_size", 16),
-                in_chans=spec.get("in_chans", 3),
-                img_size=spec.get("img_size", 224),
-            )
-        else:
-            backbone, _ = load_backbone(
-                spec["checkpoint"],
-                arch=spec.get("arch"),
-                patch_size=spec.get("patch_size"),
-                in_chans=spec.get("in_chans"),
-                img_size=spec.get("img_size"),
-                checkpoint_key=spec.get("checkpoint_key", "teacher"),
-            )
-        extractor = DinoBackboneExtractor(backbone, n_last_blocks=n_last_blocks)
-    elif kind == "hf_dinov2":
-        extractor = HFDinov2Extractor(load_hf_dinov2(spec["path"]), n_last_blocks=spec.get("n_last_blocks", 4))
-    else:
-        in_channels = spec.get("in_channels", 1)
-        swin = SwinUNETR(
-            in_channels=in_channels,
-            out_channels=in_channels,
-            feature_size=spec.get("feature_size", 48),
-            depths=tuple(spec.get("depths", (2, 2, 2, 2))),
-            num_heads=tuple(spec.get("num_heads", (3, 6, 12, 24))),
-            window_size=spec.get("window_size", 7),
-            use_v2=spec.get("use_v2", False),
-            normalize=spec.get("normalize", True),
-            spatial_dims=3,
-        )
-        if spec["checkpoint"] is None:
-            logger.info("extractor: randomly initialised SwinUNETR encoder (no checkpoint)")
-        else:
-            load_pretrained_swinunetr(swin, spec["checkpoint"], fmt=spec.get("fmt", "auto"), parts="encoder")
-        extractor = DAE3DExtractor(swin, stage=spec.get("stage", 4))
-    return extractor.eval()
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        input_size: int | None = None,
+        mean: float | None = None,
+        std: float | None = None,
+    ) -> None:
+        super().__init__()
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
+        if input_size is not None and extractor.spatial_dims != 2:
+            raise ValueError("input_size resizes 2D images only")
+        self.extractor, self.input_size, self.mean, self.std = extractor, input_size, mean, std
+        self.in_chans = int(extractor.in_chans)
+        self.embed_dim, self.patch_size, self.n_blocks = extractor.embed_dim, extractor.patch_size, extractor.n_blocks
+        self.spatial_dims, self.has_patch_tokens = extractor.spatial_dims, extractor.has_patch_tokens
+
+    def adapt(self, images: torch.Tensor) -> torch.Tensor:
+        """The images as the wrapped extractor expects them."""
+        x = images.float()
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
+        if x.shape[1] == 1 and self.in_chans > 1:
+            x = x.expand(-1, self.in_chans, *x.shape[2:])
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The wrapped extractor's features of the adapted images."""
+        return self.extractor(self.adapt(images))
+
+
+#: extractor class and its option key, per backbone kind (see :mod:`dae.models.factory` for the backbone keys)
+EXTRACTORS: dict[str, tuple[type[FeatureExtractor], str]] = {
+    "dino": (DinoBackboneExtractor, "n_last_blocks"),
+    "hf_dinov2": (HFDinov2Extractor, "n_last_blocks"),
+    "dae3d": (DAE3DExtractor, "stage"),
+}
+#: input options of every spec (see :class:`AdaptedExtractor`)
+INPUT_OPTIONS = ("input_size", "mean", "std")
+
+
+def build_extractor(spec: Mapping[str, Any]) -> AdaptedExtractor:
+    """The feature extractor of a backbone spec, behind the input adapter the spec asks for.
+
+    The spec holds the backbone keys of :func:`~dae.models.factory.backbone_from_spec`, the extractor option of
+    its kind (``n_last_blocks`` for ``dino`` and ``hf_dinov2``, 4 by default; ``stage`` for ``dae3d``, 4 by
+    default) and the input options ``input_size``, ``mean`` and ``std`` of :class:`AdaptedExtractor`.
+
+    Returns:
+        The adapted extractor (its ``extractor`` is the :class:`DinoBackboneExtractor`, :class:`HFDinov2Extractor`
+        or :class:`DAE3DExtractor`), in eval mode, on the CPU.
+
+    Raises:
+        ValueError: for an unknown kind, a missing or unknown key (see
+            :func:`~dae.models.factory.check_backbone_spec`) or a bad option; loader errors propagate.
+    """
+    options = [EXTRACTORS[spec["kind"]][1]] if spec.get("kind") in EXTRACTORS else []
+    backbone = backbone_from_spec(spec, extra_keys=(*options, *INPUT_OPTIONS))
+    extractor_class, option = EXTRACTORS[spec["kind"]]
+    extractor = extractor_class(backbone, **({option: spec[option]} if option in spec else {}))
+    return AdaptedExtractor(extractor, *(spec.get(key) for key in INPUT_OPTIONS)).eval()
 
 
 def unpack_batch(batch: Any, image_key: str, label_key: str | None) -> tuple[torch.Tensor, Any]:
@@ -376,12 +341,12 @@ def extract_features(
     id_key: str | None = None,
     class_names: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
+    amp: str = "none",
 ) -> FeatureSet:
     """Run ``extractor`` over ``loader`` and collect CLS blocks, patch-token means, labels and ids in loader order.
 
     The extractor is moved to ``device`` and put in eval mode (and left so); no gradients are kept. Features are
-    stored as float32 on the CPU, so mixed precision (``amp_dtype``) only changes the computation.
+    stored as float32 on the CPU, so mixed precision (``amp``) only changes the computation.
 
     Args:
         extractor: the feature extractor.
@@ -393,7 +358,7 @@ def extract_features(
         class_names: class names stored in the set; by default ``"0"``, ``"1"``, ... up to the largest label
             (or the label width for multi-hot labels); empty for unlabelled data.
         device: where to run the extractor.
-        amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``), or None for full precision.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (see :func:`dae.utils.precision.amp_dtype`).
 
     Returns:
         The :class:`FeatureSet`; ``patch_mean`` (the mean of the last block's patch tokens) is None when the
@@ -403,7 +368,7 @@ def extract_features(
         ValueError: when the loader yields no sample.
         KeyError: when a batch lacks one of the keys.
     """
-    device = torch.device(device)
+    device, dtype = torch.device(device), amp_dtype(amp)
     extractor.to(device).eval()
     cls_blocks: list[torch.Tensor] = []
     patch_means: list[torch.Tensor] = []
@@ -412,7 +377,7 @@ def extract_features(
     for batch in loader:
         images, batch_labels = unpack_batch(batch, image_key, label_key)
         images = plain_tensor(images).to(device)
-        with autocast(device, amp_dtype):
+        with autocast(device, dtype):
             out = extractor(images)
         size = images.shape[0]
         cls_blocks.append(out["cls_blocks"].float().cpu())
@@ -449,78 +414,3 @@ def extract_features(
         None if features.patch_mean is None else tuple(features.patch_mean.shape),
     )
     return features
-
-
-class ProbeFeatures(nn.Module):
-    """Images to the linear-probe input ``[B, D * (n_blocks + avgpool)]``, with gradients (for fine-tuning).
-
-    The layout is that of :meth:`FeatureSet.linear_input`: the CLS tokens of the last ``n_blocks`` blocks
-    (oldest first), then the mean of the last block's patch tokens when ``avgpool``. A linear head trained on
-    extracted features therefore applies unchanged on top of this module.
-
-    Args:
-        extractor: the feature extractor.
-        n_blocks: how many of the extractor's ``cls_blocks`` to use (1 to ``extractor.n_blocks``).
-        avgpool: append the patch-token mean.
-
-    Attributes:
-        out_dim: ``D * (n_blocks + avgpool)``.
-
-    Raises:
-        ValueError: for ``n_blocks`` out of range, or ``avgpool`` on an extractor without patch tokens.
-    """
-
-    def __init__(self, extractor: FeatureExtractor, n_blocks: int = 1, avgpool: bool = False) -> None:
-        super().__init__()
-        if not 1 <= n_blocks <= extractor.n_blocks:
-            raise ValueError(f"n_blocks must be in 1..{extractor.n_blocks}, got {n_blocks}")
-        if avgpool and not extractor.has_patch_tokens:
-            raise ValueError("avgpool=True needs patch tokens, but this extractor pools its feature map (a CNN?)")
-        self.extractor = extractor
-        self.n_blocks = n_blocks
-        self.avgpool = avgpool
-        self.out_dim = extractor.embed_dim * (n_blocks + int(avgpool))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The linear-probe input of ``images``, shape ``[B, out_dim]``."""
-        out = self.extractor(images)
-        parts = [out["cls_blocks"][:, -self.n_blocks :].flatten(1)]
-        if self.avgpool:
-            parts.append(out["patch_grid"].flatten(2).mean(dim=2))
-        return torch.cat(parts, dim=1)
-
-
-def pca_rgb(patch_grid: torch.Tensor) -> torch.Tensor:
-    """Colour a patch-feature grid with its first three principal components (the DINO "PCA pictures").
-
-    The components are fitted on all patches given (for a batch, jointly, so colours are comparable across
-    images). Each component's sign is fixed so that its largest-magnitude projection is positive, and each
-    channel is min-max scaled to [0, 1] (a constant channel becomes 0). With fewer than three components
-    available the missing channels are 0.
-
-    Args:
-        patch_grid: ``[D, h, w]`` or ``[B, D, h, w]`` features.
-
-    Returns:
-        ``[3, h, w]`` or ``[B, 3, h, w]`` float32 in [0, 1].
-
-    Raises:
-        ValueError: for another number of dimensions.
-    """
-    if patch_grid.ndim not in (3, 4):
-        raise ValueError(f"expected [D, h, w] or [B, D, h, w], got shape {tuple(patch_grid.shape)}")
-    single = patch_grid.ndim == 3
-    grid = patch_grid[None] if single else patch_grid
-    batch, dim, height, width = grid.shape
-    points = grid.detach().double().permute(0, 2, 3, 1).reshape(-1, dim)
-    points = points - points.mean(dim=0)
-    _, _, vh = torch.linalg.svd(points, full_matrices=False)
-    projected = points @ vh[:3].T
-    peaks = projected.gather(0, projected.abs().argmax(dim=0, keepdim=True))
-    projected = torch.where(peaks < 0, -projected, projected)
-    low, high = projected.min(dim=0).values, projected.max(dim=0).values
-    scaled = torch.where(high > low, (projected - low) / (high - low).clamp(min=1e-12), torch.zeros_like(projected))
-    rgb = torch.zeros(points.shape[0], 3, dtype=torch.float64)
-    rgb[:, : scaled.shape[1]] = scaled
-    rgb = rgb.reshape(batch, height, width, 3).permute(0, 3, 1, 2).float().contiguous()
-    return rgb[0] if single else rgb

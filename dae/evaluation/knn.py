@@ -1,31 +1,31 @@
 """Weighted k-nearest-neighbour classification on frozen features (the DINO protocol), single- and multi-label.
 
-Compared with DINO's ``eval_knn.py``, the test set is processed in chunks of a fixed size, so any number of
-test images works (the reference splits it into ``N // 100``-image chunks, which fails below 100 images);
-the number of classes is taken from the labels or the caller (the reference always assumes 1000); and
-multi-label tasks are supported.
+:func:`knn_predict` scores test samples, :func:`knn_evaluate` reports several k, :func:`run_knn` is the protocol
+(k chosen on validation, the test split scored once) and :class:`KnnMonitor` is the collapse check a DINO
+trainer runs on its teacher. Compared with DINO's ``eval_knn.py``, the test set is processed in chunks of a
+fixed size, so any number of test images works (the reference splits it into ``N // 100``-image chunks, which
+fails below 100 images); the number of classes is taken from the labels or the caller (the reference always
+assumes 1000); and multi-label tasks are supported.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from dae.evaluation.features import DinoBackboneExtractor, extract_features
 from dae.evaluation.featureset import FeatureSet
-from dae.evaluation.metrics import accuracy, auroc, bootstrap_ci
+from dae.evaluation.metrics import accuracy, classification_estimates, resolve_metric
+from dae.evaluation.neighbours import cosine_topk
 
-__all__ = ["knn_evaluate", "knn_predict"]
+__all__ = ["KnnMonitor", "knn_evaluate", "knn_predict", "run_knn"]
 
 logger = logging.getLogger(__name__)
-
-
-def _macro_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    return auroc(scores, labels)["macro"]
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def knn_predict(
 ) -> torch.Tensor:
     """Class scores of test samples from a temperature-weighted vote of their k nearest training samples.
 
-    Features are L2-normalised and compared by cosine similarity. Each of the k neighbours votes with
+    Neighbours are found by :func:`~dae.evaluation.neighbours.cosine_topk`. Each of the k neighbours votes with
     weight ``exp(sim / temperature)`` for its one-hot (single-label) or multi-hot (multi-label) label, and
     the votes are divided by the sum of the weights. Single-label scores therefore sum to 1 per test
     sample (the arg-max is DINO's prediction) and multi-label scores are per-class values in [0, 1].
@@ -57,21 +57,13 @@ def knn_predict(
     Returns:
         ``[M, C]`` float32 scores.
     """
-    if train_features.ndim != 2 or test_features.ndim != 2:
-        raise ValueError("train_features and test_features must be [N, D] and [M, D]")
     n = train_features.shape[0]
     if n == 0 or train_labels.shape[0] != n:
         raise ValueError(
             f"need >= 1 training sample with a label each, got {n} features, {train_labels.shape[0]} labels"
         )
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"feature widths differ: train {train_features.shape[1]}, test {test_features.shape[1]}")
-    if k < 1 or chunk_size < 1 or temperature <= 0:
-        raise ValueError(f"need k >= 1, chunk_size >= 1 and temperature > 0 (got {k}, {chunk_size}, {temperature})")
-    if k > n:
-        warnings.warn(f"k={k} exceeds the {n} training samples; using k={n}", stacklevel=2)
-        k = n
-
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if train_labels.ndim == 2:
         if num_classes is not None and num_classes != train_labels.shape[1]:
             raise ValueError(f"num_classes={num_classes} but the multi-label labels have {train_labels.shape[1]}")
@@ -84,18 +76,15 @@ def knn_predict(
             raise ValueError(f"training labels must lie in [0, {num_classes})")
         votes = F.one_hot(labels, num_classes).float()
 
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float().to(train.device), dim=1)
-    votes = votes.to(train.device)
-    out = []
-    for start in range(0, test.shape[0], chunk_size):
-        sims, index = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)
+    sims, index = cosine_topk(test_features, train_features, k, chunk_size=chunk_size)
+    votes = votes.to(sims.device)
+    out = [torch.zeros(0, votes.shape[1], device=sims.device)]
+    for start in range(0, sims.shape[0], chunk_size):
+        chunk_sims, chunk_index = sims[start : start + chunk_size], index[start : start + chunk_size]
         # Shifting by the largest similarity leaves the normalised weights unchanged and avoids overflow.
-        weights = ((sims - sims[:, :1]) / temperature).exp()
-        scores = torch.einsum("mk,mkc->mc", weights, votes[index])
+        weights = ((chunk_sims - chunk_sims[:, :1]) / temperature).exp()
+        scores = torch.einsum("mk,mkc->mc", weights, votes[chunk_index])
         out.append(scores / weights.sum(dim=1, keepdim=True))
-    if not out:
-        return torch.zeros(0, votes.shape[1])
     return torch.cat(out).cpu()
 
 
@@ -137,17 +126,87 @@ def knn_evaluate(
             "k_used": min(k, len(train)),
             "temperature": temperature,
         }
-        per_class = auroc(scores, test.labels, class_names)
-        values = {"auroc": per_class.pop("macro")}
-        if not train.is_multilabel:
-            values = {"accuracy": accuracy(scores, test.labels), **values}
-        for name, value in values.items():
-            row = {**base, "metric": name, "value": value}
+        estimates, per_class = classification_estimates(scores, test.labels, class_names, n_boot=n_boot, seed=seed)
+        for name, estimate in estimates.items():
+            row = {**base, "metric": name, "value": estimate.value}
             if n_boot > 0:
-                fn = accuracy if name == "accuracy" else _macro_auroc
-                _, row["low"], row["high"] = bootstrap_ci(fn, scores, test.labels, n_boot=n_boot, seed=seed)
+                row["low"], row["high"] = estimate.low, estimate.high
             if name == "auroc":
                 row["per_class"] = per_class
             rows.append(row)
-        logger.info("k-NN %s: %s", base["setting"], ", ".join(f"{m}={v:.4f}" for m, v in values.items()))
+        values = ", ".join(f"{name}={estimate.value:.4f}" for name, estimate in estimates.items())
+        logger.info("k-NN %s: %s", base["setting"], values)
     return rows
+
+
+def run_knn(
+    train: FeatureSet,
+    val: FeatureSet,
+    test: FeatureSet,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The k-NN protocol: k chosen on ``val`` with ``train`` as memory, then ``test`` scored once with train + val.
+
+    The selection metric is that of :func:`~dae.evaluation.metrics.resolve_metric` ("auto"); ties go to the
+    smaller k.
+
+    Returns:
+        The test rows of :func:`knn_evaluate` for the chosen k, each with ``val_value``: the chosen k's
+        validation score.
+    """
+    metric = resolve_metric("auto", train.is_multilabel, max(train.num_classes, test.num_classes))
+    val_rows = [r for r in knn_evaluate(train, val, ks, temperature) if r["metric"] == metric]
+    best = max(val_rows, key=lambda r: (r["value"], -r["k"]))
+    logger.info(
+        "k-NN on validation (%s): %s; chosen k=%d", metric, {r["k"]: round(r["value"], 4) for r in val_rows}, best["k"]
+    )
+    rows = knn_evaluate(train.concat(val), test, [best["k"]], temperature, n_boot=n_boot, seed=seed)
+    for row in rows:
+        row["val_value"] = best["value"]
+    return rows
+
+
+class KnnMonitor:
+    """k-NN top-1 accuracy of a backbone's CLS features: the collapse check of self-supervised training.
+
+    The backbone's final CLS features of ``probe_loader`` (labelled training images) vote, with k neighbours
+    (at most the probe set's size), for the images of ``val_loader``. Give it a few hundred to a few thousand
+    images. The backbone is left in eval mode.
+
+    Args:
+        probe_loader: labelled images whose features vote.
+        val_loader: labelled images that are classified.
+        k: neighbours.
+        temperature: vote temperature.
+        image_key / label_key: batch keys.
+        device: where features are computed.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` for the feature extraction.
+    """
+
+    def __init__(
+        self,
+        probe_loader: Iterable[Any],
+        val_loader: Iterable[Any],
+        k: int = 20,
+        temperature: float = 0.07,
+        image_key: str = "image",
+        label_key: str = "label",
+        device: str | torch.device = "cpu",
+        amp: str = "none",
+    ) -> None:
+        self.probe_loader, self.val_loader = probe_loader, val_loader
+        self.k, self.temperature = k, temperature
+        self.keys = {"image_key": image_key, "label_key": label_key, "device": device, "amp": amp}
+
+    @torch.no_grad()
+    def __call__(self, backbone: nn.Module) -> dict[str, float]:
+        """``{"knn_top1": accuracy}`` of ``backbone`` (a ViT or ResNet of :func:`dae.models.build_backbone`)."""
+        extractor = DinoBackboneExtractor(backbone, n_last_blocks=1)
+        train = extract_features(extractor, self.probe_loader, **self.keys)
+        val = extract_features(extractor, self.val_loader, **self.keys)
+        k, num_classes = min(self.k, len(train)), max(train.num_classes, val.num_classes)
+        scores = knn_predict(train.cls, train.labels, val.cls, k, self.temperature, num_classes=num_classes)
+        return {"knn_top1": accuracy(scores, val.labels)}

@@ -1,4 +1,4 @@
-"""Classification and segmentation metrics: accuracy, AUROC, bootstrap intervals, ROC curves, Dice and IoU.
+"""Classification metrics: accuracy, AUROC, bootstrap estimates and ROC curves (Dice and IoU: ``seg_metrics``).
 
 Scores and labels may be torch tensors or NumPy arrays. Labels are ``[N]`` class indices (single-label) or
 ``[N, C]`` 0/1 matrices (multi-label); scores are ``[N, C]`` (or ``[N]`` for a binary task).
@@ -10,6 +10,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,20 +19,25 @@ from sklearn.metrics import auc as trapezoid_area
 from sklearn.metrics import roc_curve
 
 __all__ = [
+    "METRICS",
+    "MetricEstimate",
     "RocCurve",
     "accuracy",
     "auroc",
     "bootstrap_ci",
+    "bootstrap_estimate",
     "bootstrap_samples",
-    "dice_iou",
-    "dice_iou_from_counts",
-    "overlap_counts",
+    "classification_estimates",
+    "metric_value",
+    "resolve_metric",
     "roc_curves",
 ]
 
 logger = logging.getLogger(__name__)
 
 ArrayLike = torch.Tensor | np.ndarray
+#: selection and report metrics of the classification protocols (see :func:`resolve_metric`)
+METRICS = ("auto", "accuracy", "auroc")
 
 
 class RocCurve(NamedTuple):
@@ -40,6 +46,15 @@ class RocCurve(NamedTuple):
     fpr: np.ndarray
     tpr: np.ndarray
     auc: float
+
+
+class MetricEstimate(NamedTuple):
+    """A metric with its percentile-bootstrap interval and the number of resamples the interval used."""
+
+    value: float
+    low: float
+    high: float
+    n_boot: int
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -164,6 +179,28 @@ def auroc(scores: ArrayLike, labels: ArrayLike, class_names: Sequence[str] | Non
     return {"macro": macro, **{name: float(value) for name, value in zip(names, values)}}
 
 
+def resolve_metric(metric: str, multilabel: bool, num_classes: int) -> str:
+    """The selection and report metric: "auto" gives accuracy for multi-class single-label tasks, else AUROC.
+
+    Binary and multi-label tasks use AUROC (macro over classes for multi-label); accuracy is refused for
+    multi-label tasks.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == "auto":
+        return "accuracy" if not multilabel and num_classes > 2 else "auroc"
+    if metric == "accuracy" and multilabel:
+        raise ValueError("accuracy is not defined here for multi-label tasks; use metric='auroc'")
+    return metric
+
+
+def metric_value(metric: str, scores: ArrayLike, labels: ArrayLike) -> float:
+    """The value of a resolved metric: ``"accuracy"``, or ``"auroc"`` (the macro AUROC)."""
+    if metric == "accuracy":
+        return accuracy(scores, labels)
+    return auroc(scores, labels)["macro"]
+
+
 def _take(x: ArrayLike, index: np.ndarray) -> ArrayLike:
     return x[torch.from_numpy(index).to(x.device)] if isinstance(x, torch.Tensor) else np.asarray(x)[index]
 
@@ -206,21 +243,21 @@ def bootstrap_samples(
     return np.asarray(values, dtype=np.float64)
 
 
-def bootstrap_ci(
+def bootstrap_estimate(
     metric_fn: Callable[[Any, Any], float],
     scores: ArrayLike,
     labels: ArrayLike,
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
-) -> tuple[float, float, float]:
+) -> MetricEstimate:
     """Point estimate and percentile-bootstrap ``1 - alpha`` confidence interval of a metric.
 
     The interval comes from :func:`bootstrap_samples`; how many resamples were usable is logged, with a
     warning when some were skipped as undefined.
 
     Returns:
-        ``(point, low, high)``; the bounds are NaN when no resample gave a defined value.
+        The estimate; the bounds are NaN (and ``n_boot`` 0) when no resample gave a defined value.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -234,9 +271,50 @@ def bootstrap_ci(
             stacklevel=2,
         )
     if values.size == 0:
-        return point, math.nan, math.nan
+        return MetricEstimate(point, math.nan, math.nan, 0)
     low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return point, float(low), float(high)
+    return MetricEstimate(point, float(low), float(high), int(values.size))
+
+
+def bootstrap_ci(
+    metric_fn: Callable[[Any, Any], float],
+    scores: ArrayLike,
+    labels: ArrayLike,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(point, low, high)`` of :func:`bootstrap_estimate`."""
+    point, low, high, _ = bootstrap_estimate(metric_fn, scores, labels, n_boot=n_boot, alpha=alpha, seed=seed)
+    return point, low, high
+
+
+def classification_estimates(
+    scores: ArrayLike,
+    labels: ArrayLike,
+    class_names: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, MetricEstimate], dict[str, float]]:
+    """The test estimates of every classification protocol: accuracy and AUROC with intervals, per-class AUROC.
+
+    Accuracy is estimated for single-label tasks only; AUROC (macro) always. Each interval comes from
+    :func:`bootstrap_estimate` (95%, warnings silenced; ``n_boot`` 0 gives NaN bounds). Classes without an
+    AUROC are warned about once.
+
+    Returns:
+        ``({"accuracy": estimate, "auroc": estimate}, {<class name>: AUROC})``.
+    """
+    per_class = auroc(scores, labels, class_names or None)
+    per_class.pop("macro")
+    names = ["auroc"] if labels.ndim == 2 else ["accuracy", "auroc"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        estimates = {
+            name: bootstrap_estimate(partial(metric_value, name), scores, labels, n_boot=n_boot, seed=seed)
+            for name in names
+        }
+    return estimates, per_class
 
 
 def roc_curves(scores: ArrayLike, labels: ArrayLike, class_names: Sequence[str] | None = None) -> dict[str, RocCurve]:
@@ -248,82 +326,3 @@ def roc_curves(scores: ArrayLike, labels: ArrayLike, class_names: Sequence[str] 
             fpr, tpr, _ = roc_curve(targets[:, c], s[:, c])
             curves[name] = RocCurve(fpr=fpr, tpr=tpr, auc=float(trapezoid_area(fpr, tpr)))
     return curves
-
-
-def overlap_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and class, the intersection and the summed sizes of prediction and target.
-
-    Args:
-        pred: ``[N, ...]`` predicted class indices.
-        target: ``[N, ...]`` true class indices, the same shape.
-        num_classes: number of classes, background (index 0) included.
-
-    Returns:
-        ``(intersections, totals)``, each ``[N, num_classes]`` float64 on the CPU, where ``totals`` is
-        ``|pred == c| + |target == c|``; what :func:`dice_iou_from_counts` reduces.
-    """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    if pred.ndim < 2:
-        raise ValueError("pred and target must be [N, ...] batches of label maps")
-    p = pred.reshape(pred.shape[0], -1).long()
-    t = target.reshape(target.shape[0], -1).long()
-    if p.numel() and (min(int(p.min()), int(t.min())) < 0 or max(int(p.max()), int(t.max())) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes})")
-    offsets = torch.arange(p.shape[0], device=p.device)[:, None] * num_classes * num_classes
-    confusion = torch.bincount((offsets + t * num_classes + p).flatten(), minlength=p.shape[0] * num_classes**2)
-    confusion = confusion.reshape(-1, num_classes, num_classes).double().cpu()
-    return confusion.diagonal(dim1=1, dim2=2), confusion.sum(dim=1) + confusion.sum(dim=2)
-
-
-def dice_iou_from_counts(
-    intersections: torch.Tensor,
-    totals: torch.Tensor,
-    class_names: Sequence[str],
-    ignore_background: bool = True,
-) -> dict[str, dict[str, float]]:
-    """Dice and IoU per class and macro-averaged from :func:`overlap_counts` (see :func:`dice_iou`)."""
-    out: dict[str, dict[str, float]] = {"dice": {}, "iou": {}}
-    for c in range(1 if ignore_background else 0, intersections.shape[1]):
-        present = totals[:, c] > 0
-        if present.any():
-            inter, total = intersections[present, c], totals[present, c]
-            out["dice"][class_names[c]] = float((2 * inter / total).mean())
-            out["iou"][class_names[c]] = float((inter / (total - inter)).mean())
-        else:
-            out["dice"][class_names[c]] = out["iou"][class_names[c]] = math.nan
-    for key in ("dice", "iou"):
-        defined = [v for v in out[key].values() if not math.isnan(v)]
-        out[key] = {"macro": float(np.mean(defined)) if defined else math.nan, **out[key]}
-    return out
-
-
-def dice_iou(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    num_classes: int,
-    ignore_background: bool = True,
-    class_names: Sequence[str] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Dice and IoU (Jaccard) per class and macro-averaged, from label maps.
-
-    Scores are computed per image and class, then averaged over images for each class, then over classes
-    for the macro. An (image, class) pair where the class is absent from both the prediction and the target
-    is left out of the averages, rather than counted as 1 (which would reward empty images) or 0 (which
-    would punish a correct "nothing here"); a class absent everywhere gets NaN and is left out of the macro.
-    A class predicted where the target has none scores 0, so false positives are penalised.
-
-    Args:
-        pred: ``[N, ...]`` predicted class indices (e.g. ``[N, H, W]``).
-        target: ``[N, ...]`` true class indices, the same shape.
-        num_classes: number of classes, background (index 0) included.
-        ignore_background: leave class 0 out.
-        class_names: names for the per-class keys (all ``num_classes`` of them; default ``class_<i>``).
-
-    Returns:
-        ``{"dice": {"macro": ..., <class>: ...}, "iou": {...}}``.
-    """
-    names = list(class_names) if class_names else [f"class_{c}" for c in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    return dice_iou_from_counts(*overlap_counts(pred, target, num_classes), names, ignore_background)

@@ -1,4 +1,4 @@
-"""Result tables (CSV, JSON, Markdown) and figures (ROC curves) of the evaluation protocols.
+"""Result tables (CSV, JSON, Markdown) and figures (ROC curves, retrieval neighbours) of the evaluation protocols.
 
 A result row is a flat dict; the usual keys are ``backbone``, ``protocol``, ``setting``, ``metric``,
 ``value`` and, for a confidence interval, ``low`` and ``high``. Nested dicts (e.g. ``per_class``) are
@@ -20,9 +20,19 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from dae.evaluation.metrics import roc_curves
+from dae.evaluation.metrics import MetricEstimate, roc_curves
 
-__all__ = ["flatten_row", "format_table", "roc_figure", "save_figure", "write_results"]
+__all__ = [
+    "estimate_rows",
+    "flatten_row",
+    "format_table",
+    "retrieval_figure",
+    "roc_figure",
+    "save_figure",
+    "save_retrieval_figure",
+    "write_results",
+    "write_summary",
+]
 
 _MAIN_COLUMNS = ("backbone", "protocol", "setting", "metric", "value")
 
@@ -47,6 +57,36 @@ def flatten_row(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = _plain(value)
     return flat
+
+
+def estimate_rows(
+    protocol: str,
+    setting: str,
+    metric: str,
+    estimates: Mapping[str, MetricEstimate],
+    per_class: Mapping[str, float],
+) -> list[dict[str, Any]]:
+    """Result rows of a protocol's test estimates (:func:`~dae.evaluation.metrics.classification_estimates`).
+
+    One row per metric, the headline ``metric`` first, with ``value``, ``low``, ``high``, ``n_boot`` and
+    ``selected_by`` (the headline metric); the AUROC row also holds ``per_class``.
+    """
+    rows = []
+    for name, estimate in sorted(estimates.items(), key=lambda item: item[0] != metric):
+        row: dict[str, Any] = {
+            "protocol": protocol,
+            "setting": setting,
+            "metric": name,
+            "value": estimate.value,
+            "low": estimate.low,
+            "high": estimate.high,
+            "n_boot": estimate.n_boot,
+            "selected_by": metric,
+        }
+        if name == "auroc":
+            row["per_class"] = dict(per_class)
+        rows.append(row)
+    return rows
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -180,3 +220,94 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def write_summary(
+    summary: Mapping[str, Any], markdown: str, out_dir: str | Path, name: str = "summary"
+) -> dict[str, Path]:
+    """Write one summary as ``<name>.json`` (flattened, non-finite floats as ``null``) and ``<name>.md``.
+
+    Args:
+        summary: the values, e.g. ``{"num_cases": 3, "mean_dice": 0.8, ...}``.
+        markdown: the text of ``<name>.md``, e.g. a :func:`format_table` with a title.
+        out_dir: the folder (created if needed).
+        name: the file stem.
+
+    Returns:
+        ``{"json": path, "md": path}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
+    values = {key: _json_value(value) for key, value in flatten_row(summary).items()}
+    paths["json"].write_text(json.dumps(values, indent=2, allow_nan=False, default=str) + "\n")
+    paths["md"].write_text(markdown.rstrip("\n") + "\n")
+    return paths
+
+
+def _label_text(label: torch.Tensor, class_names: Sequence[str] | None) -> str:
+    if label.ndim == 0:
+        index = int(label)
+        return class_names[index] if class_names else str(index)
+    positives = torch.nonzero(label > 0.5).flatten().tolist()
+    if not positives:
+        return "none"
+    return "+".join(class_names[i] if class_names else str(i) for i in positives)
+
+
+def retrieval_figure(
+    query_images: torch.Tensor,
+    gallery_images: torch.Tensor,
+    indices: torch.Tensor,
+    sims: torch.Tensor,
+    query_labels: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+    max_queries: int = 8,
+    panel_size: float = 1.8,
+) -> Figure:
+    """A grid of retrieval results: one row per query, the query first, then its neighbours, best first.
+
+    Args:
+        query_images: ``[M, 1 or 3, H, W]`` images in [0, 1].
+        gallery_images: ``[N, 1 or 3, H, W]`` images in [0, 1].
+        indices: ``[M, K]`` retrieved gallery indices.
+        sims: ``[M, K]`` their similarities.
+        query_labels: optional labels shown in the titles (class indices or 0/1 vectors).
+        gallery_labels: optional gallery labels, likewise.
+        class_names: names for the labels.
+        max_queries: rows shown at most (the first queries).
+        panel_size: size of one panel, in inches.
+
+    Returns:
+        The figure (not shown; save it with :func:`save_figure`).
+    """
+    rows = min(query_images.shape[0], indices.shape[0], max_queries)
+    if rows < 1:
+        raise ValueError("no query to show")
+    cols = 1 + indices.shape[1]
+    fig = Figure(figsize=(panel_size * cols, panel_size * rows * 1.15))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        panels = [(query_images[r], "query", query_labels[r] if query_labels is not None else None)]
+        for j in range(indices.shape[1]):
+            g = int(indices[r, j])
+            label = gallery_labels[g] if gallery_labels is not None else None
+            panels.append((gallery_images[g], f"sim {float(sims[r, j]):.5f}", label))
+        for ax, (image, caption, label) in zip(axes[r], panels):
+            image = image.detach().float().clamp(0, 1).cpu()
+            if image.shape[0] == 1:
+                ax.imshow(image[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+            else:
+                ax.imshow(image.permute(1, 2, 0).numpy())
+            title = caption if label is None else f"{_label_text(label, class_names)}\n{caption}"
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def save_retrieval_figure(path: str | Path, *args: Any, dpi: int = 120, **kwargs: Any) -> Path:
+    """Build :func:`retrieval_figure` with the given arguments and save it as a PNG at ``path``."""
+    return save_figure(retrieval_figure(*args, **kwargs), path, dpi=dpi)

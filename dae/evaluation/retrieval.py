@@ -1,23 +1,22 @@
-"""Image retrieval by cosine similarity of features: nearest neighbours, precision@k and a picture of the results."""
+"""Image retrieval by cosine similarity of features: nearest neighbours, precision@k and the retrieval protocol."""
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from matplotlib.figure import Figure
 
-from dae.evaluation.report import save_figure
+from dae.evaluation.featureset import FeatureSet
+from dae.evaluation.neighbours import cosine_topk
 
-__all__ = ["precision_at_k", "retrieval_figure", "retrieve", "save_retrieval_figure"]
+__all__ = ["precision_at_k", "retrieve", "run_retrieval"]
+
+logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def retrieve(
     query: torch.Tensor,
     gallery: torch.Tensor,
@@ -35,34 +34,10 @@ def retrieve(
         chunk_size: queries per similarity block, which bounds memory at ``chunk_size x N``.
 
     Returns:
-        ``(indices [M, k] long, similarities [M, k])``, most similar first.
+        ``(indices [M, k] long, similarities [M, k])`` on the CPU, most similar first.
     """
-    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"need [M, D] queries and [N, D] gallery, got {tuple(query.shape)}, {tuple(gallery.shape)}")
-    if exclude_self and query.shape[0] != gallery.shape[0]:
-        raise ValueError("exclude_self needs the query and gallery to be the same set")
-    if k < 1 or chunk_size < 1:
-        raise ValueError(f"need k >= 1 and chunk_size >= 1, got {k} and {chunk_size}")
-    available = gallery.shape[0] - int(exclude_self)
-    if available < 1:
-        raise ValueError("the gallery has no item to retrieve")
-    if k > available:
-        warnings.warn(f"k={k} exceeds the {available} retrievable gallery items; using k={available}", stacklevel=2)
-        k = available
-    q = F.normalize(query.float(), dim=1)
-    g = F.normalize(gallery.float().to(q.device), dim=1)
-    indices, sims = [], []
-    for start in range(0, q.shape[0], chunk_size):
-        sim = q[start : start + chunk_size] @ g.T
-        if exclude_self:
-            rows = torch.arange(sim.shape[0], device=sim.device)
-            sim[rows, rows + start] = -math.inf
-        top_sims, top_index = sim.topk(k, dim=1)
-        indices.append(top_index.cpu())
-        sims.append(top_sims.cpu())
-    if not indices:
-        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
-    return torch.cat(indices), torch.cat(sims)
+    sims, indices = cosine_topk(query, gallery, k, exclude_self=exclude_self, chunk_size=chunk_size)
+    return indices.cpu(), sims.cpu()
 
 
 def _relevant(query_labels: torch.Tensor, gallery_labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -111,69 +86,24 @@ def precision_at_k(
     return {f"precision@{k}": float(relevant[:, :k].mean()) if len(relevant) else math.nan for k in ks}
 
 
-def _label_text(label: torch.Tensor, class_names: Sequence[str] | None) -> str:
-    if label.ndim == 0:
-        index = int(label)
-        return class_names[index] if class_names else str(index)
-    positives = torch.nonzero(label > 0.5).flatten().tolist()
-    if not positives:
-        return "none"
-    return "+".join(class_names[i] if class_names else str(i) for i in positives)
+def run_retrieval(
+    gallery: FeatureSet, query: FeatureSet, ks: Sequence[int] = (1, 5, 10)
+) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]:
+    """The retrieval protocol: each ``query`` sample retrieves its nearest ``gallery`` samples by CLS feature.
 
-
-def retrieval_figure(
-    query_images: torch.Tensor,
-    gallery_images: torch.Tensor,
-    indices: torch.Tensor,
-    sims: torch.Tensor,
-    query_labels: torch.Tensor | None = None,
-    gallery_labels: torch.Tensor | None = None,
-    class_names: Sequence[str] | None = None,
-    max_queries: int = 8,
-    panel_size: float = 1.8,
-) -> Figure:
-    """A grid of retrieval results: one row per query, the query first, then its neighbours, best first.
-
-    Args:
-        query_images: ``[M, 1 or 3, H, W]`` images in [0, 1].
-        gallery_images: ``[N, 1 or 3, H, W]`` images in [0, 1].
-        indices: ``[M, K]`` retrieved gallery indices.
-        sims: ``[M, K]`` their similarities.
-        query_labels: optional labels shown in the titles (class indices or 0/1 vectors).
-        gallery_labels: optional gallery labels, likewise.
-        class_names: names for the labels.
-        max_queries: rows shown at most (the first queries).
-        panel_size: size of one panel, in inches.
+    Cut-offs larger than the gallery are skipped with a warning.
 
     Returns:
-        The figure (not shown; save it with :func:`dae.evaluation.report.save_figure`).
+        ``(rows, indices, similarities)``: one row per cut-off (``protocol`` "retrieval", ``setting``
+        "test->training", ``metric`` "precision@k", ``value``; none when no cut-off fits) and the
+        ``[M, max(ks)]`` retrieved gallery indices and similarities (empty when no cut-off fits).
     """
-    rows = min(query_images.shape[0], indices.shape[0], max_queries)
-    if rows < 1:
-        raise ValueError("no query to show")
-    cols = 1 + indices.shape[1]
-    fig = Figure(figsize=(panel_size * cols, panel_size * rows * 1.15))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for r in range(rows):
-        panels = [(query_images[r], "query", query_labels[r] if query_labels is not None else None)]
-        for j in range(indices.shape[1]):
-            g = int(indices[r, j])
-            label = gallery_labels[g] if gallery_labels is not None else None
-            panels.append((gallery_images[g], f"sim {float(sims[r, j]):.5f}", label))
-        for ax, (image, caption, label) in zip(axes[r], panels):
-            image = image.detach().float().clamp(0, 1).cpu()
-            if image.shape[0] == 1:
-                ax.imshow(image[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
-            else:
-                ax.imshow(image.permute(1, 2, 0).numpy())
-            title = caption if label is None else f"{_label_text(label, class_names)}\n{caption}"
-            ax.set_title(title, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    return fig
-
-
-def save_retrieval_figure(path: str | Path, *args: Any, dpi: int = 120, **kwargs: Any) -> Path:
-    """Build :func:`retrieval_figure` with the given arguments and save it as a PNG at ``path``."""
-    return save_figure(retrieval_figure(*args, **kwargs), path, dpi=dpi)
+    usable = [k for k in ks if k <= len(gallery)]
+    if len(usable) < len(ks):
+        logger.warning("retrieval: precision@k for k > %d (the gallery size) skipped", len(gallery))
+    if not usable:
+        return [], torch.zeros(len(query), 0, dtype=torch.long), torch.zeros(len(query), 0)
+    indices, sims = retrieve(query.cls, gallery.cls, max(usable))
+    scores = precision_at_k(query.labels, gallery.labels, indices, usable)
+    rows = [{"protocol": "retrieval", "setting": "test->training", "metric": k, "value": v} for k, v in scores.items()]
+    return rows, indices, sims

@@ -1,325 +1,304 @@
-"""Evaluate several backbones with the same protocols on the same splits, and write one results table.
+"""One runner for every evaluation protocol: several backbones, the same protocols and splits, one results table.
 
-For each backbone: extract features of the ``training``, ``validation`` and ``test`` splits once (saved under
-``features/<backbone>/`` for reuse), then run the chosen protocols. Every hyper-parameter (k of the k-NN, the
-linear-probe setting, the fine-tuning epoch) is chosen on the validation split; the test split is scored once,
-with a bootstrap interval.
+Each protocol is a function of a :class:`BackboneContext` that returns result rows; :data:`PROTOCOLS` maps
+protocol names to them, in the order they run (whatever order they are asked in):
 
-- ``knn``: weighted k-NN; k chosen on validation with the training split as memory, then the test split is
-  scored with training + validation as memory.
+- ``knn``: weighted k-NN (:func:`~dae.evaluation.knn.run_knn`); k chosen on validation with the training split as
+  memory, then the test split is scored with training + validation as memory.
 - ``linear_probe``: :func:`~dae.evaluation.linear_probe.run_linear_probe` (grid on validation, retrain on
   training + validation, test once); ROC curves of its test scores.
-- ``retrieval``: test images query the training images by CLS cosine similarity; precision@k and a picture.
-- ``finetune``: backbone and a linear head trained end to end (``fine_tune: false`` trains the head only).
+- ``retrieval``: test images query the training images by CLS cosine similarity
+  (:func:`~dae.evaluation.retrieval.run_retrieval`); precision@k and a picture of the neighbours.
+- ``finetune``: a copy of the backbone and a linear head trained end to end
+  (:func:`~dae.evaluation.finetune.run_finetune`; ``fine_tune: false`` trains the head only).
+- ``seg_probe``: a segmentation head on the frozen patch grid (:func:`~dae.evaluation.seg_probe.run_seg_probe`);
+  pictures of test predictions.
 
-Pictures (PNG files under ``pictures/`` and TensorBoard): ROC curves, retrieval neighbours, and the first three
-principal components of the patch features of a few test images as colour images.
+Every hyper-parameter (k, the probe setting, the epoch, the learning rate) is chosen on the validation split and
+the test split is scored once. The classification protocols use features of the ``training``, ``validation`` and
+``test`` splits, extracted once per backbone when first needed and saved under ``features/<backbone>/``; for
+them a picture shows the first three principal components of the patch features of a few test images. Pictures
+go to ``pictures/`` (PNG) and TensorBoard (``tensorboard/``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 
-from dae.evaluation.features import ProbeFeatures, build_extractor, extract_features, pca_rgb
+from dae.evaluation.features import AdaptedExtractor, build_extractor, extract_features, unpack_batch
 from dae.evaluation.featureset import FeatureSet
-from dae.evaluation.knn import knn_evaluate
-from dae.evaluation.linear_probe import (
-    LinearProbeConfig,
-    resolve_finetune_flag,
-    resolve_metric,
-    run_finetune,
-    run_linear_probe,
-)
-from dae.evaluation.report import format_table, roc_figure, save_figure, write_results
-from dae.evaluation.retrieval import precision_at_k, retrieve, save_retrieval_figure
-from dae.utils.tensors import min_max
+from dae.evaluation.finetune import ProbeFeatures, run_finetune
+from dae.evaluation.knn import run_knn
+from dae.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
+from dae.evaluation.report import format_table, roc_figure, save_figure, save_retrieval_figure, write_results
+from dae.evaluation.retrieval import run_retrieval
+from dae.evaluation.seg_probe import first_samples, run_seg_probe, seg_probe_picture
+from dae.utils.pictures import pca_picture, save_picture
+from dae.utils.precision import amp_dtype
+from dae.utils.tensors import plain_tensor
 
-__all__ = ["PROTOCOLS", "BackboneInput", "adapted_extractor", "evaluate_backbones"]
+__all__ = ["PROTOCOLS", "SPLITS", "BackboneContext", "evaluate_backbones"]
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("knn", "linear_probe", "retrieval", "finetune")
 SPLITS = ("training", "validation", "test")
-#: keys of a backbone spec read here (the rest goes to :func:`~dae.evaluation.features.build_extractor`)
-INPUT_KEYS = ("input_size", "mean", "std")
 
 
-class BackboneInput(nn.Module):
-    """Adapt the loaders' images (``[B, 1 or 3, H, W]`` in [0, 1]) to what one backbone expects.
+@dataclass
+class BackboneContext:
+    """What a protocol gets for one backbone.
 
-    Resizes to ``input_size`` (bicubic, antialiased) when given, repeats a grey channel to ``channels``, and
-    normalises with ``mean`` / ``std`` when given (e.g. RAD-DINO: 518, 0.5307, 0.2583).
+    Attributes:
+        name: the backbone's name (rows, file names, TensorBoard tags).
+        extractor: its feature extractor behind its input adapter, on ``device``, in eval mode.
+        loaders: ``training``, ``validation`` and ``test`` loaders.
+        class_names: the class names in label order.
+        output_dir: the run's output folder.
+        writer: the run's TensorBoard writer.
+        device: where features are computed and heads trained.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` for the frozen extractor.
+        seed: seed of the heads and the bootstrap.
+        n_boot: bootstrap resamples of the test intervals.
+        pictures: test images shown in pictures (0: none).
+        image_key / label_key: batch keys.
+        options: the running protocol's options.
+        cache: the feature sets extracted so far, by split (shared by the backbone's protocols).
     """
 
-    def __init__(
-        self, channels: int, input_size: int | None = None, mean: float | None = None, std: float | None = None
-    ) -> None:
-        super().__init__()
-        if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither")
-        self.channels, self.input_size, self.mean, self.std = channels, input_size, mean, std
+    name: str
+    extractor: AdaptedExtractor
+    loaders: Mapping[str, Iterable[Any]]
+    class_names: list[str]
+    output_dir: Path
+    writer: SummaryWriter
+    device: torch.device
+    amp: str = "none"
+    seed: int = 0
+    n_boot: int = 1000
+    pictures: int = 4
+    image_key: str = "image"
+    label_key: str = "label"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    cache: dict[str, FeatureSet] = field(default_factory=dict)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
-        if x.shape[1] == 1 and self.channels > 1:
-            x = x.expand(-1, self.channels, -1, -1)
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
-        return x
+    def features(self, split: str) -> FeatureSet:
+        """The features of ``split``, extracted (and saved to ``features/<name>/<split>.pt``) on first use."""
+        if split not in self.cache:
+            features = extract_features(
+                self.extractor,
+                self.loaders[split],
+                image_key=self.image_key,
+                label_key=self.label_key,
+                class_names=self.class_names,
+                device=self.device,
+                amp=self.amp,
+            )
+            path = features.save(self.output_dir / "features" / self.name / f"{split}.pt")
+            logger.info("%s: %d %s features (dim %d) saved to %s", self.name, len(features), split, features.dim, path)
+            self.cache[split] = features
+        return self.cache[split]
 
+    def first_images(self, split: str, n: int) -> torch.Tensor:
+        """The first ``n`` images of ``split`` as float32 on the CPU."""
+        images: list[torch.Tensor] = []
+        for batch in self.loaders[split]:
+            images.append(plain_tensor(unpack_batch(batch, self.image_key, None)[0]).float())
+            if sum(len(i) for i in images) >= n:
+                break
+        return torch.cat(images)[:n]
 
-class _Adapted(nn.Module):
-    """A module applied after a :class:`BackboneInput`; keeps the wrapped module's attributes reachable."""
-
-    def __init__(self, adapt: BackboneInput, module: nn.Module) -> None:
-        super().__init__()
-        self.adapt, self.module = adapt, module
-
-    def forward(self, images: torch.Tensor) -> Any:
-        return self.module(self.adapt(images))
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
-
-
-def _input_channels(extractor: nn.Module) -> int:
-    for module in extractor.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return 3
-
-
-def adapted_extractor(spec: Mapping[str, Any]) -> _Adapted:
-    """The feature extractor of a backbone spec behind the input adapter its ``input_size``/``mean``/``std`` ask for.
-
-    The result is in eval mode; its ``adapt`` is the :class:`BackboneInput` and its ``module`` the extractor.
-    """
-    extractor = build_extractor({k: v for k, v in spec.items() if k not in INPUT_KEYS})
-    adapt = BackboneInput(_input_channels(extractor), *(spec.get(k) for k in INPUT_KEYS))
-    return _Adapted(adapt, extractor).eval()
+    def picture_path(self, what: str) -> Path:
+        """``pictures/<name>_<what>.png``."""
+        return self.output_dir / "pictures" / f"{self.name}_{what}.png"
 
 
-def _features(
-    name: str, extractor: nn.Module, loaders: Mapping[str, DataLoader], class_names: Sequence[str], out: Path, **kw
-) -> dict[str, FeatureSet]:
-    sets = {}
-    for split in SPLITS:
-        sets[split] = extract_features(extractor, loaders[split], class_names=class_names, **kw)
-        path = out / "features" / name / f"{split}.pt"
-        sets[split].save(path)
-        logger.info("%s: %d %s features (dim %d) saved to %s", name, len(sets[split]), split, sets[split].dim, path)
-    return sets
+def _knn(ctx: BackboneContext) -> list[dict[str, Any]]:
+    train, val, test = (ctx.features(split) for split in SPLITS)
+    return run_knn(train, val, test, **{"n_boot": ctx.n_boot, "seed": ctx.seed, **ctx.options})
 
 
-def _knn(sets: Mapping[str, FeatureSet], ks: Sequence[int], temperature: float, n_boot: int, seed: int) -> list:
-    train, val, test = (sets[s] for s in SPLITS)
-    metric = resolve_metric("auto", train.is_multilabel, max(train.num_classes, test.num_classes))
-    val_rows = [r for r in knn_evaluate(train, val, ks, temperature) if r["metric"] == metric]
-    best = max(val_rows, key=lambda r: (r["value"], -r["k"]))
-    logger.info(
-        "k-NN on validation (%s): %s; chosen k=%d", metric, {r["k"]: round(r["value"], 4) for r in val_rows}, best["k"]
-    )
-    rows = knn_evaluate(train.concat(val), test, [best["k"]], temperature, n_boot=n_boot, seed=seed)
-    for row in rows:
-        row["val_value"] = best["value"]
+def _linear_probe(ctx: BackboneContext) -> list[dict[str, Any]]:
+    config = LinearProbeConfig(**{"n_boot": ctx.n_boot, "seed": ctx.seed, "device": str(ctx.device), **ctx.options})
+    result = run_linear_probe(*(ctx.features(split) for split in SPLITS), config)
+    figure = roc_figure(result.test_scores, result.test_labels, result.class_names, title=ctx.name)
+    ctx.writer.add_figure(f"{ctx.name}/linear_probe_roc", figure)
+    save_figure(figure, ctx.picture_path("linear_probe_roc"))
+    return result.rows()
+
+
+def _retrieval(ctx: BackboneContext) -> list[dict[str, Any]]:
+    gallery, query = ctx.features("training"), ctx.features("test")
+    rows, indices, sims = run_retrieval(gallery, query, **ctx.options)
+    if rows and ctx.pictures > 0:
+        shown = indices[: ctx.pictures, : min(5, indices.shape[1])]
+        dataset = ctx.loaders["training"].dataset
+        neighbours = [plain_tensor(dataset[i][ctx.image_key]).float() for i in shown.flatten().tolist()]
+        save_retrieval_figure(
+            ctx.picture_path("retrieval"),
+            ctx.first_images("test", ctx.pictures),
+            torch.stack(neighbours),
+            torch.arange(shown.numel()).reshape(shown.shape),
+            sims[: ctx.pictures, : shown.shape[1]],
+            query_labels=query.labels[: ctx.pictures],
+            gallery_labels=gallery.labels[shown.flatten()],
+            class_names=gallery.class_names,
+            max_queries=ctx.pictures,
+        )
     return rows
 
 
-def _retrieval(
-    sets: Mapping[str, FeatureSet], loaders: Mapping[str, DataLoader], ks: Sequence[int], image_key: str, path: Path
-) -> list[dict[str, Any]]:
-    gallery, query = sets["training"], sets["test"]
-    usable = [k for k in ks if k <= len(gallery)]
-    if len(usable) < len(ks):
-        logger.warning("retrieval: precision@k for k > %d (the gallery size) skipped", len(gallery))
-    if not usable:
-        return []
-    ks = usable
-    indices, sims = retrieve(query.cls, gallery.cls, max(ks))
-    scores = precision_at_k(query.labels, gallery.labels, indices, ks)
-    rows = [{"protocol": "retrieval", "setting": "test->training", "metric": k, "value": v} for k, v in scores.items()]
-    shown = 4
-    queries = _first_images(loaders["test"], shown, image_key)
-    needed = indices[:shown, : min(5, indices.shape[1])]
-    picked = _dataset_images(loaders["training"], needed.flatten().tolist(), image_key)
-    local = torch.arange(needed.numel()).reshape(needed.shape)
-    save_retrieval_figure(
-        path,
-        queries,
-        picked,
-        local,
-        sims[:shown, : needed.shape[1]],
-        query_labels=query.labels[:shown],
-        gallery_labels=gallery.labels[needed.flatten()],
-        class_names=gallery.class_names,
-        max_queries=shown,
+def _finetune(ctx: BackboneContext) -> list[dict[str, Any]]:
+    options = {"n_boot": ctx.n_boot, "seed": ctx.seed, "device": ctx.device, **ctx.options}
+    n_blocks, avgpool = options.pop("n_blocks", 1), options.pop("avgpool", False)
+    train = ctx.features("training")
+    # A copy, so that the protocols after this one (and the pictures) see the backbone as it was given.
+    model = ProbeFeatures(copy.deepcopy(ctx.extractor), n_blocks=n_blocks, avgpool=avgpool)
+    result = run_finetune(
+        model,
+        *(ctx.loaders[split] for split in SPLITS),
+        num_classes=train.num_classes,
+        multilabel=train.is_multilabel,
+        class_names=train.class_names,
+        feature_dim=model.out_dim,
+        image_key=ctx.image_key,
+        label_key=ctx.label_key,
+        **options,
     )
-    return rows
+    return result.rows()
 
 
-def _first_images(loader: DataLoader, n: int, image_key: str) -> torch.Tensor:
-    images = []
-    for batch in loader:
-        images.append(torch.as_tensor(batch[image_key]).float())
-        if sum(len(i) for i in images) >= n:
-            break
-    return torch.cat(images)[:n]
+def _seg_probe(ctx: BackboneContext) -> list[dict[str, Any]]:
+    num_classes = len(ctx.class_names)
+    keys = {"image_key": ctx.image_key, "label_key": ctx.label_key}
+    options = {"device": ctx.device, "amp": ctx.amp, "seed": ctx.seed, **ctx.options}
+    loaders = (ctx.loaders[split] for split in SPLITS)
+    result = run_seg_probe(ctx.extractor, *loaders, num_classes, class_names=ctx.class_names, **keys, **options)
+    for epoch, loss in enumerate(result.train_losses, start=1):
+        ctx.writer.add_scalar(f"{ctx.name}/seg_probe_train_loss", loss, epoch)
+    if ctx.pictures > 0:
+        images, labels = first_samples(ctx.loaders["test"], ctx.pictures, num_classes=num_classes, **keys)
+        picture = seg_probe_picture(ctx.extractor, result, images, labels, ctx.class_names, ctx.device, ctx.amp)
+        ctx.writer.add_image(f"{ctx.name}/seg_probe_test", picture)
+        save_picture(picture, ctx.picture_path("seg_probe"))
+    return result.rows()
 
 
-def _dataset_images(loader: DataLoader, indices: Sequence[int], image_key: str) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(loader.dataset[i][image_key]).float() for i in indices])
+#: protocol name -> protocol, in running order
+PROTOCOLS: dict[str, Callable[[BackboneContext], list[dict[str, Any]]]] = {
+    "knn": _knn,
+    "linear_probe": _linear_probe,
+    "retrieval": _retrieval,
+    "finetune": _finetune,
+    "seg_probe": _seg_probe,
+}
+#: the protocols that classify images, after which the patch features are pictured
+CLASSIFICATION_PROTOCOLS = ("knn", "linear_probe", "retrieval", "finetune")
 
 
 @torch.no_grad()
-def _pca_picture(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    grid = extractor(images)["patch_grid"].float()
-    colours = F.interpolate(pca_rgb(grid), size=images.shape[-2:], mode="nearest")
-    grey = images.float().mean(1, keepdim=True).expand(-1, 3, -1, -1)
-    grey = min_max(grey)
-    tiles = torch.stack([grey, colours], 1).flatten(0, 1)
-    return make_grid(tiles, nrow=2, padding=2, pad_value=1.0)
-
-
-def _save_picture(picture: torch.Tensor, path: str | Path) -> Path:
-    """Save a ``(3, H, W)`` picture in [0, 1] as a PNG."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = (picture.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(array).save(path)
-    return path
+def _pca_picture(ctx: BackboneContext) -> None:
+    images = ctx.first_images("test", ctx.pictures).to(ctx.device)
+    picture = pca_picture(images, ctx.extractor.eval()(images)["patch_grid"])
+    ctx.writer.add_image(f"{ctx.name}/patch_features_pca", picture)
+    save_picture(picture, ctx.picture_path("patch_pca"))
 
 
 def evaluate_backbones(
     backbones: Mapping[str, Mapping[str, Any]],
-    loaders: Mapping[str, DataLoader],
+    loaders: Mapping[str, Iterable[Any]],
     output_dir: str | Path,
     class_names: Sequence[str],
     protocols: Sequence[str] = ("knn", "linear_probe", "retrieval"),
-    knn_ks: Sequence[int] = (10, 20, 100, 200),
-    knn_temperature: float = 0.07,
-    linear: LinearProbeConfig | None = None,
-    retrieval_ks: Sequence[int] = (1, 5, 10),
-    finetune: Mapping[str, Any] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     image_key: str = "image",
     label_key: str = "label",
     device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
+    amp: str = "none",
     pictures: int = 4,
 ) -> list[dict[str, Any]]:
     """Run ``protocols`` for every backbone and write ``results.{csv,json,md}`` and pictures to ``output_dir``.
 
     Args:
-        backbones: name -> extractor spec (see :func:`~dae.evaluation.features.build_extractor`), plus optional
-            ``input_size``, ``mean`` and ``std`` (see :class:`BackboneInput`).
+        backbones: name -> spec of :func:`~dae.evaluation.features.build_extractor` (backbone keys, extractor
+            option, ``input_size`` / ``mean`` / ``std``).
         loaders: ``training``, ``validation`` and ``test`` loaders of ``[B, 1 or 3, H, W]`` images in [0, 1] with
-            integer (or multi-hot) labels; not shuffled.
+            integer (or multi-hot) labels, or integer label maps ``[B, 1, H, W]`` for ``seg_probe``; not shuffled.
         output_dir: where results, features and pictures go.
-        class_names: the class names in label order.
-        protocols: a subset of :data:`PROTOCOLS`.
-        knn_ks: the k values tried on validation.
-        knn_temperature: the k-NN vote temperature.
-        linear: the linear-probe grid and training settings (``n_boot`` and ``seed`` are taken from here).
-        retrieval_ks: the k of precision@k.
-        finetune: keyword arguments of :func:`~dae.evaluation.linear_probe.run_finetune` (``fine_tune``,
-            ``head_lr``, ``backbone_lr``, ``epochs``, ...) plus ``n_blocks`` and ``avgpool``.
+        class_names: the class names in label order (background first for ``seg_probe``).
+        protocols: names from :data:`PROTOCOLS`; they run in that mapping's order.
+        options: protocol name -> its options: ``knn``: ``ks``, ``temperature`` (:func:`~dae.evaluation.knn.run_knn`);
+            ``linear_probe``: :class:`~dae.evaluation.linear_probe.LinearProbeConfig` fields; ``retrieval``: ``ks``;
+            ``finetune``: :func:`~dae.evaluation.finetune.run_finetune` options (``fine_tune``, ``head_lr``,
+            ``backbone_lr``, ``epochs``, ...) plus ``n_blocks`` and ``avgpool``; ``seg_probe``:
+            :func:`~dae.evaluation.seg_probe.run_seg_probe` options (``decoder``, ``learning_rates``, ``epochs``,
+            ``optimizer``, ``weight_decay``, ...). An option a protocol shares with the arguments below (``n_boot``,
+            ``seed``, ``device``, ``amp``) overrides the argument.
         n_boot: bootstrap resamples of the test intervals.
-        seed: seed of the probes and the bootstrap.
+        seed: seed of the heads and the bootstrap.
         image_key / label_key: batch keys.
-        device: where features are computed and probes trained.
-        amp_dtype: autocast dtype for feature extraction, or None.
-        pictures: test images shown in the PCA and retrieval pictures.
+        device: where features are computed and heads trained.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` for the frozen extractors.
+        pictures: test images shown in the pictures (0: none).
 
     Returns:
         The result rows (``backbone``, ``protocol``, ``setting``, ``metric``, ``value``, ``low``, ``high``, ...).
+
+    Raises:
+        ValueError: for no protocol, an unknown protocol (in ``protocols`` or ``options``), a missing split or an
+            unknown ``amp``; protocol errors propagate.
     """
-    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    options = dict(options or {})
+    unknown = sorted({*protocols, *options} - set(PROTOCOLS))
     if unknown or not protocols:
-        raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {list(protocols)}")
-    missing = [s for s in SPLITS if s not in loaders]
+        raise ValueError(f"unknown protocols {unknown} or none asked for; choose from {list(PROTOCOLS)}")
+    missing = [split for split in SPLITS if split not in loaders]
     if missing:
         raise ValueError(f"evaluation needs the {list(SPLITS)} splits; missing {missing}")
+    amp_dtype(amp)  # an unknown value fails here rather than after the first backbone
     out = Path(output_dir)
     (out / "pictures").mkdir(parents=True, exist_ok=True)
-    linear = linear or LinearProbeConfig(n_boot=n_boot, seed=seed, device=str(device))
+    device = torch.device(device)
     rows: list[dict[str, Any]] = []
     writer = SummaryWriter(str(out / "tensorboard"))
     try:
-        for name, full_spec in backbones.items():
-            model = adapted_extractor(full_spec).to(device)
-            logger.info("backbone %s: %s", name, dict(full_spec))
-            kw = {"image_key": image_key, "label_key": label_key, "device": device, "amp_dtype": amp_dtype}
-            sets = _features(name, model, loaders, class_names, out, **kw)
-            found: list[dict[str, Any]] = []
-            if "knn" in protocols:
-                found += _knn(sets, knn_ks, knn_temperature, n_boot, seed)
-            if "linear_probe" in protocols:
-                result = run_linear_probe(sets["training"], sets["validation"], sets["test"], linear)
-                found += result.rows()
-                figure = roc_figure(result.test_scores, result.test_labels, result.class_names, title=name)
-                writer.add_figure(f"{name}/linear_probe_roc", figure)
-                save_figure(figure, out / "pictures" / f"{name}_linear_probe_roc.png")
-            if "retrieval" in protocols:
-                path = out / "pictures" / f"{name}_retrieval.png"
-                found += _retrieval(sets, loaders, retrieval_ks, image_key, path)
-            if "finetune" in protocols:
-                found += _finetune(model, loaders, sets["training"], finetune or {}, image_key, label_key, device)
-            if model.has_patch_tokens and pictures > 0:
-                picture = _pca_picture(model, _first_images(loaders["test"], pictures, image_key).to(device))
-                writer.add_image(f"{name}/patch_features_pca", picture)
-                _save_picture(picture, out / "pictures" / f"{name}_patch_pca.png")
-            rows += [{"backbone": name, **row} for row in found]
+        for name, spec in backbones.items():
+            extractor = build_extractor(spec).to(device)
+            logger.info("backbone %s: %s", name, dict(spec))
+            context = BackboneContext(
+                name=name,
+                extractor=extractor,
+                loaders=loaders,
+                class_names=list(class_names),
+                output_dir=out,
+                writer=writer,
+                device=device,
+                amp=amp,
+                seed=seed,
+                n_boot=n_boot,
+                pictures=pictures,
+                image_key=image_key,
+                label_key=label_key,
+            )
+            for protocol, run in PROTOCOLS.items():
+                if protocol in protocols:
+                    found = run(replace(context, options=options.get(protocol, {})))
+                    rows += [{"backbone": name, **row} for row in found]
+            classified = any(protocol in CLASSIFICATION_PROTOCOLS for protocol in protocols)
+            if classified and extractor.has_patch_tokens and pictures > 0:
+                _pca_picture(context)
     finally:
         writer.close()
     paths = write_results(rows, out, "results")
     logger.info("results written to %s", ", ".join(str(p) for p in paths.values()))
     print(format_table(rows))
     return rows
-
-
-def _finetune(
-    model: _Adapted,
-    loaders: Mapping[str, DataLoader],
-    train: FeatureSet,
-    options: Mapping[str, Any],
-    image_key: str,
-    label_key: str,
-    device: str | torch.device,
-) -> list[dict[str, Any]]:
-    options = dict(options)
-    n_blocks, avgpool = options.pop("n_blocks", 1), options.pop("avgpool", False)
-    options["fine_tune"] = resolve_finetune_flag(options.get("fine_tune", True))
-    probe = _Adapted(model.adapt, ProbeFeatures(model.module, n_blocks=n_blocks, avgpool=avgpool))
-    result = run_finetune(
-        probe,
-        loaders["training"],
-        loaders["validation"],
-        loaders["test"],
-        num_classes=train.num_classes,
-        multilabel=train.is_multilabel,
-        class_names=train.class_names,
-        feature_dim=probe.module.out_dim,
-        image_key=image_key,
-        label_key=label_key,
-        device=device,
-        **options,
-    )
-    return result.rows()

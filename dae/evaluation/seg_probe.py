@@ -1,129 +1,48 @@
 """Segmentation probe on frozen patch grids, in the style of DINOv2ForRadiology's ``segmentation.py``.
 
-A small head is trained on the last block's patch grid of a frozen 2D :class:`FeatureExtractor`:
-
-``"linear"`` (:class:`LinearSegHead`)
-    a 1x1 convolution (weights N(0, 0.01), zero bias) followed by bilinear upsampling to the image size;
-``"unet"`` (:class:`UNetSegHead`)
-    a small up-sampling decoder (transposed convolutions and conv-BN-ReLU blocks) on the same grid.
+A head of :mod:`dae.models.seg_heads` (``"linear"``: 1x1 convolution and bilinear upsampling; ``"unet"``: a small
+up-sampling decoder) is trained on the last block's patch grid of a frozen 2D :class:`FeatureExtractor`.
 
 Protocol (:func:`run_seg_probe`): one head per learning rate is trained simultaneously on the training set
 with MONAI's ``DiceCELoss`` (softmax, one-hot targets) in float32, SGD with momentum 0.9 (or AdamW) and a
 per-iteration cosine schedule to 0; the learning rate is chosen on the validation set's mean foreground
 Dice only; a fresh head with that rate is trained on train + val and scored once on the test set.
+:meth:`SegProbeResult.rows` gives the report rows and :func:`seg_probe_picture` the test overlays.
 
-Dice and IoU are computed per image and class and averaged over the images where the class is present in
-the label or the prediction, then over the foreground classes (background excluded), the definition of
-:func:`dae.evaluation.metrics.dice_iou`. Batches are dicts (``image_key``, ``label_key``) or ``(image,
-label)`` tuples with images ``[B, C, H, W]`` and integer labels ``[B, 1, H, W]``.
-
-:func:`evaluate_seg_probe` runs the protocol for several backbones (specs as in
-:func:`dae.evaluation.runner.evaluate_backbones`) and writes one results table with overlay pictures.
+Dice and IoU are the project's one Dice (:func:`dae.evaluation.metrics.dice_iou_per_case`): per image and class,
+averaged over the images where the class is present in the label or the prediction, then over the foreground
+classes (background excluded), as :func:`dae.evaluation.metrics.dice_iou`. Batches are dicts (``image_key``,
+``label_key``) or ``(image, label)`` tuples with images ``[B, C, H, W]`` and integer labels ``[B, 1, H, W]``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from pathlib import Path
 from typing import Any
 
-import matplotlib
-import numpy as np
 import torch
-import torch.nn.functional as F
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from monai.losses import DiceCELoss
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
+from dae.engine.step import backward_step
 from dae.evaluation.features import FeatureExtractor, unpack_batch
-from dae.evaluation.metrics import dice_iou_from_counts, overlap_counts
-from dae.evaluation.report import format_table, save_figure, write_results
-from dae.evaluation.runner import SPLITS, adapted_extractor
-from dae.utils.tensors import autocast, min_max, plain_tensor
+from dae.evaluation.seg_metrics import dice_iou_from_counts, overlap_counts
+from dae.models.seg_heads import DECODERS, build_seg_head
+from dae.utils.pictures import overlay_rows
+from dae.utils.precision import amp_dtype
+from dae.utils.tensors import autocast, plain_tensor
 
-__all__ = ["DECODERS", "LinearSegHead", "SegProbeResult", "UNetSegHead", "evaluate_seg_probe", "run_seg_probe"]
+__all__ = ["SegProbeResult", "first_samples", "run_seg_probe", "seg_probe_picture"]
 
 logger = logging.getLogger(__name__)
 
-DECODERS = ("linear", "unet")
 _OPTIMIZERS = ("sgd", "adamw")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class LinearSegHead(nn.Module):
-    """1x1 convolution on the patch grid, then bilinear upsampling of the logits to the image size.
-
-    Args:
-        in_dim: channels of the patch grid (the extractor's ``embed_dim``).
-        num_classes: output classes, background included.
-    """
-
-    def __init__(self, in_dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_dim, num_classes, kernel_size=1)
-        nn.init.normal_(self.conv.weight, mean=0.0, std=0.01)
-        nn.init.zeros_(self.conv.bias)
-
-    def forward(self, grid: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Logits ``[B, num_classes, *size]`` of a grid ``[B, in_dim, h, w]``."""
-        return F.interpolate(self.conv(grid), size=tuple(size), mode="bilinear", align_corners=False)
-
-
-class UNetSegHead(nn.Module):
-    """A small up-sampling decoder on the last patch grid (U-Net-like, without skips: there is one grid).
-
-    Each of ``num_up_blocks`` blocks doubles the resolution with ``ConvTranspose2d(k=2, s=2)`` and refines with
-    ``Conv3x3 + BatchNorm + ReLU``; widths go ``hidden_dim, hidden_dim / 2, ...`` (at least ``min_dim``). A 1x1
-    convolution gives the logits, bilinearly resized to the image size (exact for patch sizes that are powers
-    of two with ``log2(patch)`` blocks; otherwise the last factor, e.g. 14 / 8, is interpolated). With the
-    defaults it has about 0.44 M parameters on a ViT-S grid (D = 384), 0.63 M on ViT-B (D = 768).
-
-    Args:
-        in_dim: channels of the patch grid.
-        num_classes: output classes, background included.
-        num_up_blocks: number of x2 up-sampling blocks.
-        hidden_dim: width after the first block.
-        min_dim: smallest width.
-
-    Raises:
-        ValueError: for ``num_up_blocks < 1``.
-    """
-
-    def __init__(
-        self, in_dim: int, num_classes: int, num_up_blocks: int = 4, hidden_dim: int = 128, min_dim: int = 16
-    ) -> None:
-        super().__init__()
-        if num_up_blocks < 1:
-            raise ValueError(f"num_up_blocks must be >= 1, got {num_up_blocks}")
-        blocks: list[nn.Module] = []
-        width = in_dim
-        for index in range(num_up_blocks):
-            out = max(hidden_dim // 2**index, min_dim)
-            blocks.append(
-                nn.Sequential(
-                    nn.ConvTranspose2d(width, out, kernel_size=2, stride=2),
-                    nn.Conv2d(out, out, kernel_size=3, padding=1, bias=False),
-                    nn.BatchNorm2d(out),
-                    nn.ReLU(inplace=True),
-                )
-            )
-            width = out
-        self.blocks = nn.Sequential(*blocks)
-        self.classifier = nn.Conv2d(width, num_classes, kernel_size=1)
-
-    def forward(self, grid: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Logits ``[B, num_classes, *size]`` of a grid ``[B, in_dim, h, w]``."""
-        logits = self.classifier(self.blocks(grid))
-        if tuple(logits.shape[-2:]) != tuple(size):
-            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-        return logits
 
 
 @dataclass
@@ -158,24 +77,27 @@ class SegProbeResult:
             "train_losses": list(self.train_losses),
         }
 
+    def rows(self) -> list[dict[str, Any]]:
+        """Report rows: mean foreground Dice, then IoU, with the per-class values.
 
-class _DiceIoU:
-    """Accumulates :func:`~dae.evaluation.metrics.overlap_counts` over batches; reduced like ``dice_iou``."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.intersections: list[torch.Tensor] = []
-        self.totals: list[torch.Tensor] = []
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch of label maps ``[B, ...]`` (the same shape, values in ``[0, num_classes)``)."""
-        intersections, totals = overlap_counts(pred, target, self.num_classes)
-        self.intersections.append(intersections)
-        self.totals.append(totals)
-
-    def compute(self, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
-        """``{"dice": {"macro", <class>...}, "iou": {...}}`` over the foreground classes."""
-        return dice_iou_from_counts(torch.cat(self.intersections), torch.cat(self.totals), class_names)
+        Each row has ``protocol`` ``"seg_probe"``, ``setting`` ``"<decoder>:lr=<rate>"``, ``metric`` ``"dice"``
+        or ``"iou"``, ``value`` (the mean over the foreground classes), ``per_class`` and, when a rate was
+        chosen, ``val_dice``: its validation Dice.
+        """
+        rows = []
+        for metric in ("dice", "iou"):
+            per_class = dict(self.test[metric])
+            row: dict[str, Any] = {
+                "protocol": "seg_probe",
+                "setting": f"{self.decoder}:lr={self.learning_rate:g}",
+                "metric": metric,
+                "value": per_class.pop("macro"),
+                "per_class": per_class,
+            }
+            if self.val_dice:
+                row["val_dice"] = self.val_dice[self.learning_rate]
+            rows.append(row)
+        return rows
 
 
 def _labels(raw: Any, num_classes: int) -> torch.Tensor:
@@ -278,9 +200,7 @@ def _train_heads(
         for grid, label in source.batches(generator):
             grid, label = grid.to(device, torch.float32), label.to(device, torch.long)
             losses = [loss_fn(head(grid, label.shape[-2:]), label) for head in heads]
-            opt.zero_grad(set_to_none=True)
-            torch.stack(losses).sum().backward()
-            opt.step()
+            backward_step(torch.stack(losses).sum(), opt)
             schedule.step()
             total += losses[0].item()
             steps += 1
@@ -291,16 +211,20 @@ def _train_heads(
 
 @torch.no_grad()
 def _score(
-    heads: Sequence[nn.Module], source: _GridSource, num_classes: int, class_names: Sequence[str], device: torch.device
+    heads: Sequence[nn.Module], source: _GridSource, class_names: Sequence[str], device: torch.device
 ) -> list[dict[str, dict[str, float]]]:
-    meters = [_DiceIoU(num_classes) for _ in heads]
+    """Dice and IoU of each head on ``source``, from the overlap counts of every image."""
+    counts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in heads]
     for head in heads:
         head.eval()
     for grid, label in source.batches():
         grid, label = grid.to(device, torch.float32), label.to(device, torch.long)
-        for head, meter in zip(heads, meters):
-            meter.update(head(grid, label.shape[-2:]).argmax(dim=1), label[:, 0])
-    return [meter.compute(class_names) for meter in meters]
+        for head, head_counts in zip(heads, counts):
+            pred = head(grid, label.shape[-2:]).argmax(dim=1)
+            head_counts.append(overlap_counts(pred, label[:, 0], len(class_names)))
+    return [
+        dice_iou_from_counts(torch.cat([i for i, _ in c]), torch.cat([t for _, t in c]), class_names) for c in counts
+    ]
 
 
 def run_seg_probe(
@@ -320,12 +244,12 @@ def run_seg_probe(
     image_key: str = "image",
     label_key: str = "label",
     device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
+    amp: str = "none",
     seed: int = 0,
 ) -> SegProbeResult:
     """Train and evaluate a segmentation head on the frozen patch grids of ``extractor``.
 
-    The extractor runs in eval mode without gradients (under ``amp_dtype`` autocast if given); heads and
+    The extractor runs in eval mode without gradients (under ``amp`` autocast); heads and
     losses are float32. With ``cache_features`` every split's grids are computed once and kept in CPU memory
     (D x h x w float32 per image, about 4.2 MB for RAD-DINO at 518 px; images of one size per split), and
     training batches of ``batch_size`` are reshuffled each epoch; turn it off when the training loader augments,
@@ -337,7 +261,7 @@ def run_seg_probe(
         val_loader: validation batches, used only to choose the learning rate, then added to training.
         test_loader: test batches, used once at the end.
         num_classes: classes including background (label 0).
-        decoder: ``"linear"`` or ``"unet"``.
+        decoder: ``"linear"`` or ``"unet"`` (:data:`~dae.models.seg_heads.DECODERS`).
         learning_rates: candidate rates; one head each is trained in parallel.
         epochs: passes over the training data, for both phases.
         optimizer: ``"sgd"`` (momentum 0.9, as DINOv2ForRadiology) or ``"adamw"``.
@@ -348,14 +272,14 @@ def run_seg_probe(
         image_key: key of the images in dict batches.
         label_key: key of the labels in dict batches.
         device: where the extractor and heads run.
-        amp_dtype: autocast dtype for the extractor, or None.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast of the extractor.
         seed: seed of the head initialisation (the same for every rate) and of the shuffling.
 
     Returns:
         The :class:`SegProbeResult`.
 
     Raises:
-        ValueError: for a 3D extractor, an unknown decoder or optimizer, no learning rate, ``epochs < 1``,
+        ValueError: for a 3D extractor, an unknown decoder, optimizer or ``amp``, no learning rate, ``epochs < 1``,
             ``num_classes < 2``, wrong class names, labels out of range, or a validation set without any
             foreground to select on.
     """
@@ -370,19 +294,16 @@ def run_seg_probe(
     names = list(class_names) if class_names else [f"class_{c}" for c in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    device = torch.device(device)
+    device, dtype = torch.device(device), amp_dtype(amp)
     extractor.to(device).eval()
 
     @torch.no_grad()
     def grids(images: torch.Tensor) -> torch.Tensor:
-        with autocast(device, amp_dtype):
+        with autocast(device, dtype):
             return extractor(images.to(device))["patch_grid"].float()
 
     def make_head() -> nn.Module:
-        if decoder == "linear":
-            return LinearSegHead(extractor.embed_dim, num_classes)
-        num_up = min(4, max(1, int(math.log2(extractor.patch_size))))
-        return UNetSegHead(extractor.embed_dim, num_classes, num_up_blocks=num_up)
+        return build_seg_head(decoder, extractor.embed_dim, num_classes, extractor.patch_size)
 
     size = batch_size or getattr(train_loader, "batch_size", None) or 8
     keys = (image_key, label_key)
@@ -394,7 +315,7 @@ def run_seg_probe(
     chosen = float(learning_rates[0])
     if len(learning_rates) > 1:
         heads, _ = _train_heads(make_head, learning_rates, train, *fit)
-        for lr, scores in zip(learning_rates, _score(heads, val, num_classes, names, device)):
+        for lr, scores in zip(learning_rates, _score(heads, val, names, device)):
             val_dice[float(lr)] = scores["dice"]["macro"]
             logger.info("seg probe (%s) lr %g: validation mean Dice %.4f", decoder, lr, val_dice[float(lr)])
         if all(math.isnan(v) for v in val_dice.values()):
@@ -403,7 +324,7 @@ def run_seg_probe(
 
     (head,), losses = _train_heads(make_head, [chosen], train.merged(val), *fit)
     test = _GridSource(grids, [test_loader], keys, num_classes, cache_features, size)
-    (scores,) = _score([head], test, num_classes, names, device)
+    (scores,) = _score([head], test, names, device)
     logger.info(
         "seg probe (%s) lr %g on train+val: test mean Dice %.4f, IoU %.4f",
         decoder,
@@ -414,28 +335,14 @@ def run_seg_probe(
     return SegProbeResult(decoder, chosen, val_dice, scores, losses, head.cpu())
 
 
-def _result_rows(result: SegProbeResult) -> list[dict[str, Any]]:
-    """Report rows of one backbone's probe: mean foreground Dice, then IoU, with the per-class values."""
-    rows = []
-    for metric in ("dice", "iou"):
-        per_class = dict(result.test[metric])
-        row: dict[str, Any] = {
-            "protocol": "seg_probe",
-            "setting": f"{result.decoder}:lr={result.learning_rate:g}",
-            "metric": metric,
-            "value": per_class.pop("macro"),
-            "per_class": per_class,
-        }
-        if result.val_dice:
-            row["val_dice"] = result.val_dice[result.learning_rate]
-        rows.append(row)
-    return rows
-
-
-def _first_samples(
+def first_samples(
     loader: Iterable[Any], n: int, image_key: str, label_key: str, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` images ``[n, C, H, W]`` and labels ``[n, 1, H, W]`` of a loader."""
+    """The first ``n`` images ``[n, C, H, W]`` and labels ``[n, 1, H, W]`` of a loader (for pictures).
+
+    Raises:
+        ValueError: for labels that are not ``[B, 1, H, W]`` class indices in ``[0, num_classes)``.
+    """
     images, labels = [], []
     for batch in loader:
         image, label = unpack_batch(batch, image_key, label_key)
@@ -446,153 +353,39 @@ def _first_samples(
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
 
-def _class_colours(num_classes: int) -> list[tuple[float, float, float]]:
-    """One colour per class (tab10, then tab20 for more classes; repeated beyond 20)."""
-    colours = matplotlib.colormaps["tab10" if num_classes <= 11 else "tab20"].colors
-    return [tuple(colours[(c - 1) % len(colours)]) for c in range(num_classes)]
-
-
 @torch.no_grad()
-def _overlay_figure(
-    model: nn.Module,
-    head: nn.Module,
+def seg_probe_picture(
+    extractor: FeatureExtractor,
+    result: SegProbeResult,
     images: torch.Tensor,
     labels: torch.Tensor,
     class_names: Sequence[str],
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    title: str,
-) -> Figure:
-    """Rows of (image, ground truth overlaid, prediction overlaid) with each image's mean foreground Dice."""
-    head = head.to(device).eval()
-    with autocast(device, amp_dtype):
-        grid = model(images.to(device))["patch_grid"]
-    preds = head(grid.float(), labels.shape[-2:]).argmax(dim=1).cpu()
-    colours = _class_colours(len(class_names))
-
-    def overlay(mask: torch.Tensor) -> np.ndarray:
-        rgba = np.zeros((*mask.shape, 4))
-        for c in range(1, len(class_names)):
-            rgba[mask.numpy() == c] = (*colours[c], 0.5)
-        return rgba
-
-    fig = Figure(figsize=(6.6, 2.2 * len(images) + 0.8))
-    axes = fig.subplots(len(images), 3, squeeze=False)
-    for row, (image, label, pred) in enumerate(zip(images, labels[:, 0], preds)):
-        grey = min_max(image.mean(dim=0))
-        meter = _DiceIoU(len(class_names))
-        meter.update(pred[None], label[None])
-        dice = meter.compute(class_names)["dice"]["macro"]
-        panels = (("image", None), ("ground truth", label), (f"prediction (Dice {dice:.2f})", pred))
-        for ax, (name, mask) in zip(axes[row], panels):
-            ax.imshow(grey.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
-            if mask is not None:
-                ax.imshow(overlay(mask))
-            ax.set_title(name, fontsize=8)
-            ax.set_axis_off()
-    handles = [Patch(color=colours[c], alpha=0.5, label=class_names[c]) for c in range(1, len(class_names))]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0.0, 0.05, 1.0, 1.0))
-    return fig
-
-
-def evaluate_seg_probe(
-    backbones: Mapping[str, Mapping[str, Any]],
-    loaders: Mapping[str, Iterable[Any]],
-    output_dir: str | Path,
-    num_classes: int,
-    class_names: Sequence[str] | None = None,
-    decoder: str = "linear",
-    learning_rates: Sequence[float] = (1e-4, 1e-3, 1e-2),
-    epochs: int = 10,
-    optimizer: str = "sgd",
-    weight_decay: float = 0.0,
-    image_key: str = "image",
-    label_key: str = "label",
     device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    seed: int = 0,
-    pictures: int = 4,
-) -> list[dict[str, Any]]:
-    """Run :func:`run_seg_probe` for every backbone and write ``results.{csv,json,md}`` and pictures to ``output_dir``.
-
-    Each backbone's extractor gets its input adapter (:class:`~dae.evaluation.runner.BackboneInput`: resize to
-    ``input_size``, grey to its channels, ``mean`` / ``std``), then the probe chooses the learning rate on the
-    validation split, retrains on training + validation and scores the test split once. Pictures (PNG files
-    ``pictures/<backbone>_seg_probe.png`` and TensorBoard under ``tensorboard/``): the first ``pictures`` test
-    images with the ground truth and the prediction overlaid; TensorBoard also gets the final head's training loss.
+    amp: str = "none",
+) -> torch.Tensor:
+    """The final head's test predictions as a picture: one row per image, ground truth left, prediction right.
 
     Args:
-        backbones: name -> extractor spec (see :func:`~dae.evaluation.features.build_extractor`), plus optional
-            ``input_size``, ``mean`` and ``std``; 2D extractors with patch tokens or feature maps.
-        loaders: ``training``, ``validation`` and ``test`` loaders of ``[B, 1 or 3, H, W]`` images in [0, 1] with
-            integer label maps ``[B, 1, H, W]`` (one image size per split); not shuffled.
-        output_dir: where results and pictures go.
-        num_classes: classes including background (label 0).
-        class_names: names of the ``num_classes`` classes (default ``class_<i>``).
-        decoder: ``"linear"`` or ``"unet"`` (see :data:`DECODERS`).
-        learning_rates: candidate rates, chosen on validation.
-        epochs: passes over the training data, for both phases.
-        optimizer: ``"sgd"`` or ``"adamw"``.
-        weight_decay: weight decay of the head.
-        image_key / label_key: batch keys.
-        device: where the extractors and heads run.
-        amp_dtype: autocast dtype for the extractors, or None.
-        seed: seed of the head initialisation and of the shuffling.
-        pictures: test images shown per backbone (0: no pictures).
+        extractor: the extractor the probe was trained on.
+        result: the probe's result (its ``head`` is used).
+        images: ``[N, C, H, W]`` images, e.g. from :func:`first_samples`.
+        labels: ``[N, 1, H, W]`` integer labels.
+        class_names: the names of all classes (their number fixes the colours).
+        device: where the extractor and head run.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast of the extractor.
 
     Returns:
-        The result rows (``backbone``, ``protocol`` ``"seg_probe"``, ``setting`` ``"<decoder>:lr=<rate>"``,
-        ``metric`` ``"dice"`` or ``"iou"`` (mean over the foreground classes), ``value``, ``per_class`` and, when
-        a rate was chosen, ``val_dice``: its validation Dice).
+        A ``(3, H', W')`` picture in [0, 1] (:func:`dae.utils.pictures.overlay_rows`).
 
     Raises:
-        ValueError: for a missing split, wrong class names, or any error of :func:`run_seg_probe`.
+        ValueError: when the result has no head.
     """
-    missing = [s for s in SPLITS if s not in loaders]
-    if missing:
-        raise ValueError(f"the segmentation probe needs the {list(SPLITS)} splits; missing {missing}")
-    names = list(class_names) if class_names else [f"class_{c}" for c in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    out = Path(output_dir)
+    if result.head is None:
+        raise ValueError("the probe result has no head to draw predictions with")
     device = torch.device(device)
-    rows: list[dict[str, Any]] = []
-    writer = SummaryWriter(str(out / "tensorboard"))
-    try:
-        for name, full_spec in backbones.items():
-            model = adapted_extractor(full_spec)
-            logger.info("backbone %s: %s", name, dict(full_spec))
-            result = run_seg_probe(
-                model,
-                loaders["training"],
-                loaders["validation"],
-                loaders["test"],
-                num_classes,
-                decoder=decoder,
-                learning_rates=learning_rates,
-                epochs=epochs,
-                optimizer=optimizer,
-                weight_decay=weight_decay,
-                class_names=names,
-                image_key=image_key,
-                label_key=label_key,
-                device=device,
-                amp_dtype=amp_dtype,
-                seed=seed,
-            )
-            rows += [{"backbone": name, **row} for row in _result_rows(result)]
-            for epoch, loss in enumerate(result.train_losses, start=1):
-                writer.add_scalar(f"{name}/seg_probe_train_loss", loss, epoch)
-            if pictures > 0:
-                images, labels = _first_samples(loaders["test"], pictures, image_key, label_key, num_classes)
-                figure = _overlay_figure(model, result.head, images, labels, names, device, amp_dtype, name)
-                save_figure(figure, out / "pictures" / f"{name}_seg_probe.png")
-                writer.add_figure(f"{name}/seg_probe_test", figure)
-    finally:
-        writer.close()
-    paths = write_results(rows, out, "results")
-    logger.info("results written to %s", ", ".join(str(p) for p in paths.values()))
-    print(format_table(rows))
-    return rows
+    head = result.head.to(device).eval()
+    with autocast(device, amp_dtype(amp)):
+        grid = extractor.to(device).eval()(images.to(device))["patch_grid"]
+    preds = head(grid.float(), labels.shape[-2:]).argmax(dim=1).cpu()
+    result.head.cpu()
+    return overlay_rows(images.cpu(), labels[:, 0].cpu(), preds, num_classes=len(class_names))

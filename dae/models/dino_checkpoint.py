@@ -289,8 +289,8 @@ def load_backbone(
 
 
 def load_dino_wrapper_state(
-    wrapper: MultiCropWrapper, path: str | os.PathLike, checkpoint_key: str = "student"
-) -> DinoLoadReport:
+    wrapper: MultiCropWrapper, path: str | os.PathLike | None, checkpoint_key: str = "student"
+) -> DinoLoadReport | None:
     """Initialise a whole :class:`~dae.models.multicrop.MultiCropWrapper` (backbone and head) from a checkpoint.
 
     Like DAX's ``--pretrained_weights``. A bare backbone state dict initialises the backbone only (the head keys
@@ -299,18 +299,20 @@ def load_dino_wrapper_state(
 
     Args:
         wrapper: the wrapper to load into, in place.
-        path: the checkpoint file.
+        path: the checkpoint file; None loads nothing (a config's "no pretrained weights").
         checkpoint_key: the state dict of a full checkpoint to use (``"student"`` by default, to resume training
             from it; ``"teacher"`` for the EMA weights).
 
     Returns:
-        The report, which is also logged.
+        The report, which is also logged; None when ``path`` is None.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
         ValueError: when ``checkpoint_key`` is absent from a full checkpoint, when no key matched, or when shapes
             disagree after the conversions (e.g. another ``out_dim``).
     """
+    if path is None:
+        return None
     state = read_dino_checkpoint(path, checkpoint_key)
     if not any(key.startswith(("backbone.", "head.")) for key in state):
         state = {f"backbone.{key}": value for key, value in state.items()}

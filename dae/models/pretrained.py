@@ -34,6 +34,9 @@ Semantic caveats for official DAE weights, which a key mapping cannot fix:
   order than in pretraining.
 * Official pretraining did not layer-normalise the hidden states passed to the decoder, whereas
   ``SwinUNETR(normalize=True)`` does, so transferred decoder weights see differently scaled inputs.
+
+:func:`load_model_weights` loads a fine-tuned checkpoint of the same network completely (for evaluation and
+inference), refusing a partial match.
 """
 
 from __future__ import annotations
@@ -46,11 +49,19 @@ from pathlib import Path
 
 import torch
 from monai.networks.nets import SwinUNETR
+from torch import nn
 
 from dae.utils.checkpoint import load_checkpoint
 from dae.utils.state_dict import LoadReport, head_keys, load_state_dict_with_report, strip_prefix
 
-__all__ = ["FORMATS", "PARTS", "PretrainedLoadReport", "init_from_pretrained", "load_pretrained_swinunetr"]
+__all__ = [
+    "FORMATS",
+    "PARTS",
+    "PretrainedLoadReport",
+    "init_from_pretrained",
+    "load_model_weights",
+    "load_pretrained_swinunetr",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -264,3 +275,17 @@ def init_from_pretrained(
         return model
     load_pretrained_swinunetr(model, path, fmt=fmt, parts=parts)
     return model
+
+
+def load_model_weights(network: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """Load a fine-tuned checkpoint (``{"model": state_dict}`` or a bare state dict) completely into ``network``.
+
+    Raises:
+        ValueError: when keys are missing, unexpected or of another shape (a checkpoint of another network).
+    """
+    state = load_checkpoint(checkpoint)
+    weights = state.get("model", state)
+    report = load_state_dict_with_report(network, weights, name=str(checkpoint))
+    if report.missing or report.unexpected:
+        raise ValueError(f"{checkpoint} does not match the network: {report.summary()}")
+    return network
