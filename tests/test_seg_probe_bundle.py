@@ -66,8 +66,8 @@ def test_transforms_give_integer_masks(seg_data: Path) -> None:
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / "xray_eval" / "configs" / "seg_probe.yaml"))
     parser.update({"datalist": str(seg_data / "datalist.json"), "dataset_dir": str(seg_data), "image_size": 64})
-    assert parser.get_parsed_content("num_classes") == 3
-    sample = parser.get_parsed_content("datasets#test")[0]
+    assert len(parser.get_parsed_content("class_names")) == 3
+    sample = parser.get_parsed_content("loaders")["test"].dataset[0]
     image, label = sample["image"], sample["label"]
     assert image.shape == label.shape == (1, 64, 64)
     assert image.dtype == torch.float32 and label.dtype == torch.int64
