@@ -7,6 +7,9 @@ scheduled values (:meth:`Trainer.before_step`), touch the gradients before the u
 does the rest: mixed precision, gradient clipping, a per-iteration warm-up + cosine learning rate, DDP,
 validation scheduling and best-model tracking, atomic checkpoints with exact resumption, per-iteration and
 per-epoch metric files, TensorBoard and a progress bar.
+
+The module is a little over 400 lines on purpose: the loop, its hooks, checkpointing and resumption are one
+class to read top to bottom (the metric files and log lines are in :mod:`dae.engine.run_log`).
 """
 
 from __future__ import annotations

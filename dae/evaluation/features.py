@@ -17,6 +17,9 @@ SwinUNETR / Disruptive Autoencoder). :func:`build_extractor` builds one from a c
 from :func:`dae.models.factory.backbone_from_spec`) behind an :class:`AdaptedExtractor` that fits the loaders'
 images to it, and :func:`extract_features` runs one over a loader into a
 :class:`~dae.evaluation.featureset.FeatureSet`.
+
+The interface, its implementations and the input adapter stay in one module (a little over 400 lines) so
+that a new kind of backbone is added in one place.
 """
 
 from __future__ import annotations
