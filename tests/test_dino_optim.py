@@ -10,7 +10,15 @@ import torch
 from timm.optim import Lars as TimmLars
 from torch import nn
 
-from dae.engine import LARS, build_optimizer, cancel_last_layer_gradients, clip_gradients, scaled_lr, update_teacher
+from dae.engine import (
+    LARS,
+    backward_step,
+    build_optimizer,
+    cancel_last_layer_gradients,
+    clip_gradients,
+    scaled_lr,
+    update_teacher,
+)
 from dae.utils.dist import global_batch_size
 from dae.utils.schedules import CosineSchedule
 
@@ -243,3 +251,14 @@ def test_linear_lr_scaling_with_the_global_batch(monkeypatch: pytest.MonkeyPatch
     assert scaled_lr(0.3, 512) == pytest.approx(0.6)
     with pytest.raises(ValueError, match="batch sizes"):
         scaled_lr(0.3, 0)
+
+
+def test_backward_step_without_parameters_neither_clips_nor_measures() -> None:
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    loss = (model(torch.ones(1, 2)) * 100).sum()
+    assert backward_step(loss, optimizer) is None
+    torch.testing.assert_close(model.weight.detach(), before - 0.1 * model.weight.grad)  # the full, unclipped step
+    norm = backward_step((model(torch.ones(1, 2)) * 100).sum(), optimizer, parameters=model.parameters(), clip_grad=1.0)
+    assert norm.item() == pytest.approx(100 * math.sqrt(3), rel=1e-5)

@@ -54,20 +54,21 @@ def backward_step(
     clip_grad: float = 0.0,
     clip_mode: str = "global",
     before_update: Callable[[], None] | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Zero the gradients, back-propagate ``loss``, clip, and step ``optimizer`` (through ``scaler`` if given).
 
     Args:
         loss: the scalar to minimise.
         optimizer: the optimizer.
-        parameters: the parameters whose gradients are clipped and measured (default: the optimizer's).
+        parameters: the parameters whose gradients are clipped and measured; None: neither (e.g. a probe's
+            heads, whose norm nobody reads).
         scaler: a gradient scaler for fp16 (gradients are unscaled before clipping), or None.
         clip_grad: maximum gradient norm; 0 only measures.
         clip_mode: ``"global"`` or ``"per_parameter"`` (see :func:`clip_gradients`).
         before_update: called after clipping and before the update, e.g. to drop some gradients.
 
     Returns:
-        The global gradient norm before clipping.
+        The global gradient norm of ``parameters`` before clipping, or None without ``parameters``.
     """
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -75,9 +76,7 @@ def backward_step(
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    if parameters is None:
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = clip_gradients(parameters, clip_grad, clip_mode)
+    grad_norm = None if parameters is None else clip_gradients(parameters, clip_grad, clip_mode)
     if before_update is not None:
         before_update()
     if scaler is not None:

@@ -234,7 +234,7 @@ def run_finetune(
             images, labels = unpack_batch(batch, image_key, label_key)
             targets = _targets(labels, multilabel, device)
             loss = classification_loss(classifier(images.to(device)), targets, multilabel)
-            backward_step(loss, optimizer, parameters=())  # no clipping, no gradient norm to measure
+            backward_step(loss, optimizer)
             scheduler.step()
             total += float(loss.detach()) * targets.shape[0]
             count += targets.shape[0]

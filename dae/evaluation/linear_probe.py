@@ -240,7 +240,7 @@ def _train_heads(
                 for s, head in heads.items()
             )
             # No clipping; and no norm measured over all heads, which a diverging head would make non-finite.
-            backward_step(loss, optimizer, parameters=())
+            backward_step(loss, optimizer)
             scheduler.step()
     return heads
 

@@ -179,7 +179,7 @@ class SegmentationEvaluator:
 
     ``evaluator(model)`` runs :func:`evaluate_segmentation` on ``loader``, writes the tables to ``output_dir``
     on the main process (:func:`write_tables`) and returns the metrics (``mean_dice`` [``mean_hd95``] and
-    ``dice/<class>`` [``hd95/<class>``]) and the pictures (``{"val/label_vs_prediction": overlay}``).
+    ``dice/<class>`` [``hd95/<class>``]) and the pictures (``{"<tag_prefix>/label_vs_prediction": overlay}``).
 
     Args:
         loader: whole validation volumes with labels, one per batch (the trainer's ``val_loader``).
@@ -191,6 +191,7 @@ class SegmentationEvaluator:
         hd95: also compute HD95 (slower).
         image_key: batch key of the images.
         label_key: batch key of the label maps.
+        tag_prefix: TensorBoard tag prefix of the picture ("val" in training, "eval" in run_evaluation).
 
     Raises:
         ValueError: for fewer than two class names or an unknown ``amp``.
@@ -207,13 +208,14 @@ class SegmentationEvaluator:
         hd95: bool = False,
         image_key: str = "image",
         label_key: str = "label",
+        tag_prefix: str = "val",
     ) -> None:
         if len(class_names) < 2:
             raise ValueError(f"class_names must list the background and at least one class, got {class_names}")
         amp_dtype(amp)
         self.loader, self.inferer, self.class_names = loader, inferer, list(class_names)
         self.output_dir, self.device, self.amp, self.hd95 = Path(output_dir), torch.device(device), amp, hd95
-        self.image_key, self.label_key = image_key, label_key
+        self.image_key, self.label_key, self.tag_prefix = image_key, label_key, tag_prefix
 
     def __call__(self, model: nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Evaluate ``model``; returns ``(metrics, pictures)``."""
@@ -233,7 +235,7 @@ class SegmentationEvaluator:
             write_tables(cases, summary, self.class_names[1:], self.output_dir)
         metrics = {k: v for k, v in summary.items() if k.startswith("mean_")}
         metrics.update({k: v for k, v in summary.items() if "/" in k})
-        return metrics, {} if picture is None else {"val/label_vs_prediction": picture}
+        return metrics, {} if picture is None else {f"{self.tag_prefix}/label_vs_prediction": picture}
 
 
 def run_evaluation(
@@ -263,16 +265,17 @@ def run_evaluation(
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``.
         hd95: compute HD95 as well as Dice.
     """
-    device = torch.device(device)
-    network = load_model_weights(network, checkpoint).to(device)
-    cases, picture = evaluate_segmentation(network, loader, inferer, len(class_names), device, amp=amp, hd95=hd95)
-    summary = summarise_cases(cases, list(class_names)[1:])
+    evaluator = SegmentationEvaluator(
+        loader, inferer, class_names, output_dir, device=device, amp=amp, hd95=hd95, tag_prefix="eval"
+    )
+    network = load_model_weights(network, checkpoint).to(evaluator.device)
+    summary, pictures = evaluator(network)
     if is_main_process():
-        out = write_tables(cases, summary, list(class_names)[1:], output_dir)
+        out = evaluator.output_dir
         with SummaryWriter(str(out / "tensorboard")) as writer:
             for key, value in summary.items():
                 writer.add_scalar(f"eval/{key}", value, 0)
-            if picture is not None:
-                writer.add_image("eval/label_vs_prediction", picture, 0, dataformats="CHW")
+            for tag, picture in pictures.items():
+                writer.add_image(tag, picture, 0, dataformats="CHW")
         logging.getLogger(__name__).info("%s\n%s", checkpoint, (out / "summary.md").read_text())
     return summary
