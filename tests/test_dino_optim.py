@@ -155,6 +155,12 @@ def test_build_optimizer() -> None:
     assert type(lars) is LARS and lars.defaults["momentum"] == 0.9 and lars.param_groups[0]["lr"] == 0.3
     with pytest.raises(ValueError, match="adamw, sgd, lars"):
         build_optimizer("adam", groups())
+    # The default leaves torch its choice (multi-tensor on CUDA); fused=True is AdamW's one-kernel update.
+    assert adamw.defaults["fused"] is None and adamw.defaults["foreach"] is None
+    assert build_optimizer("adamw", groups(), fused=True).defaults["fused"] is True
+    for name in ("sgd", "LARS"):
+        with pytest.raises(ValueError, match="fused is for adamw"):
+            build_optimizer(name, groups(), fused=True)
 
 
 class _Head(nn.Module):

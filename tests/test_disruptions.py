@@ -22,6 +22,7 @@ from dae.disruptions import (
     add_gaussian_noise,
     down_up_sample,
     embedding_channel_mask,
+    expand_cell_mask,
     local_mask,
     local_mask_grid,
     mask_grid_shape,
@@ -169,6 +170,33 @@ def test_local_mask_seeds_and_per_sample():
     assert torch.equal(a, local_mask_grid(x, 0.5, 8, _gen(7)))
     assert not torch.equal(a, local_mask_grid(x, 0.5, 8, _gen(8)))
     assert not torch.equal(a[0], a[1])
+
+
+def _expand_by_repeat_interleave(cell_mask: torch.Tensor, patch: int, spatial: tuple[int, ...]) -> torch.Tensor:
+    """The former `expand_cell_mask`: one `repeat_interleave` per axis, then the crop."""
+    mask = cell_mask
+    for dim in range(1, mask.ndim):
+        mask = mask.repeat_interleave(patch, dim=dim)
+    return mask[(slice(None), *(slice(0, s) for s in spatial))].unsqueeze(1)
+
+
+@pytest.mark.parametrize(
+    ("batch", "spatial", "patch"),
+    [
+        (2, (32, 32, 32), 8),
+        (3, (20, 12, 33), 8),  # cropped border cells on every axis
+        (1, (5, 7, 3), 16),  # one cell larger than the volume
+        (2, (30, 18), 4),
+        (2, (9, 10), 1),
+        (0, (16, 16, 16), 4),
+    ],
+)
+def test_expand_cell_mask_equals_repeat_interleave(batch, spatial, patch):
+    cells = torch.rand(batch, *mask_grid_shape(spatial, patch), generator=_gen(3)) < 0.5
+    mask = expand_cell_mask(cells, patch, spatial)
+    expected = _expand_by_repeat_interleave(cells, patch, spatial)
+    assert mask.shape == expected.shape == (batch, 1, *spatial) and mask.dtype == torch.bool
+    assert torch.equal(mask, expected)
 
 
 def test_embedding_channel_mask():

@@ -155,10 +155,15 @@ def expand_cell_mask(cell_mask: torch.Tensor, patch_size: int, spatial_shape: Se
     expected = mask_grid_shape(spatial_shape, patch_size)
     if tuple(cell_mask.shape[1:]) != expected:
         raise ValueError(f"cell mask grid {tuple(cell_mask.shape[1:])} does not match expected grid {expected}")
-    mask = cell_mask
-    for dim in range(1, mask.ndim):
-        mask = mask.repeat_interleave(patch_size, dim=dim)
-    crop = tuple(slice(0, int(s)) for s in spatial_shape)
+    batch, *grid, last = cell_mask.shape
+    size = int(spatial_shape[-1])
+    # The last axis first, on a mask patch_size ** (ndim - 1) times smaller than the result, so that the one
+    # full-size copy below moves whole contiguous rows (one repeat_interleave per axis: ~10x slower on CPU).
+    rows = cell_mask.unsqueeze(-1).expand(*cell_mask.shape, patch_size).reshape(batch, *grid, last * patch_size)
+    cells = rows[..., :size].reshape(batch, *(n for g in grid for n in (g, 1)), size)
+    voxels = cells.expand(batch, *(n for g in grid for n in (g, patch_size)), size)
+    mask = voxels.reshape(batch, *(g * patch_size for g in grid), size)
+    crop = tuple(slice(0, int(s)) for s in spatial_shape[:-1])
     return mask[(slice(None), *crop)].unsqueeze(1)
 
 

@@ -57,10 +57,17 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
         raise ValueError(
             f"student and teacher differ in their parameters: {len(student_params)} and {len(teacher_params)} tensors"
         )
-    for index, (student_param, teacher_param) in enumerate(zip(student_params, teacher_params)):
-        if student_param.shape != teacher_param.shape:
-            raise ValueError(
-                f"parameter {index} differs in shape: student {tuple(student_param.shape)}, "
-                f"teacher {tuple(teacher_param.shape)}"
-            )
-        teacher_param.mul_(momentum).add_(student_param.detach(), alpha=1 - momentum)
+    # Shapes compared on the host (no kernel) before anything moves: an in-place add would broadcast silently.
+    mismatched = [i for i, (s, t) in enumerate(zip(student_params, teacher_params)) if s.shape != t.shape]
+    if mismatched:
+        index = mismatched[0]
+        raise ValueError(
+            f"parameter {index} differs in shape: student {tuple(student_params[index].shape)}, "
+            f"teacher {tuple(teacher_params[index].shape)}"
+        )
+    if not teacher_params:  # foreach ops reject empty lists
+        return
+    # The loop's `t.mul_(momentum).add_(s, alpha=1 - momentum)` for all parameters at once, bit for bit; under
+    # no_grad the student's parameters need no detach.
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from dae.engine.step import _by_device_and_dtype
+
 __all__ = ["LARS"]
 
 
@@ -25,7 +27,9 @@ class LARS(Optimizer):
         p  = p - lr * mu
 
     ``lr`` and ``weight_decay`` are read per parameter group, so a group with ``weight_decay=0`` is not decayed.
-    The learning rate defaults to 0 because the training loop sets it every iteration.
+    The learning rate defaults to 0 because the training loop sets it every iteration. A step costs a few
+    ``torch._foreach_*`` calls per parameter group (and per device and dtype in it), not a loop over parameters,
+    and never synchronises with the host.
 
     Why not ``timm.optim.Lars``: its trust ratio is ``eta * ||p|| / (||g|| + weight_decay * ||p||)``, the
     triangle bound of DINO's ``||g + weight_decay * p||``, and it adapts the parameters of every group whose
@@ -71,25 +75,34 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                update = param.grad
-                if param.ndim != 1:
-                    update = update.add(param, alpha=group["weight_decay"])
-                    param_norm = torch.linalg.vector_norm(param)
-                    update_norm = torch.linalg.vector_norm(update)
-                    # torch.where rather than a Python branch: no host-device synchronisation.
-                    ratio = torch.where(
-                        (param_norm > 0) & (update_norm > 0),
-                        group["eta"] * param_norm / update_norm,
-                        torch.ones_like(param_norm),
-                    )
-                    update = update.mul(ratio)
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(param)
-                buffer = state["momentum_buffer"]
-                buffer.mul_(group["momentum"]).add_(update)
-                param.add_(buffer, alpha=-group["lr"])
+            for params in _by_device_and_dtype([p for p in group["params"] if p.grad is not None]):
+                self._update(params, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """One step of ``params`` (with gradients, on one device, of one dtype) with a few foreach calls."""
+        flat = [p for p in params if p.ndim == 1]
+        adapted = [p for p in params if p.ndim != 1]
+        updates = [p.grad for p in flat]
+        if adapted:
+            decayed = torch._foreach_add([p.grad for p in adapted], adapted, alpha=group["weight_decay"])
+            param_norms = torch.stack(torch._foreach_norm(adapted))
+            update_norms = torch.stack(torch._foreach_norm(decayed))
+            # torch.where rather than a Python branch: no host-device synchronisation.
+            ratios = torch.where(
+                (param_norms > 0) & (update_norms > 0),
+                group["eta"] * param_norms / update_norms,
+                torch.ones_like(param_norms),
+            )
+            torch._foreach_mul_(decayed, ratios.unbind())
+            updates += decayed
+        ordered = flat + adapted
+        buffers = []
+        for param in ordered:
+            state = self.state[param]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(param)
+            buffers.append(state["momentum_buffer"])
+        torch._foreach_mul_(buffers, group["momentum"])
+        torch._foreach_add_(buffers, updates)
+        torch._foreach_add_(ordered, buffers, alpha=-group["lr"])

@@ -38,12 +38,24 @@ def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float, mode: st
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm
-    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params]
-    if max_norm > 0:
-        for param, norm in zip(params, norms):
+    norms = []
+    for grads in _by_device_and_dtype([p.grad for p in params]):
+        # One fp32 norm per gradient, whatever the gradient's dtype, in one foreach call.
+        group_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        if max_norm > 0:
             # A tensor factor capped at 1 instead of the reference's `if coef < 1`: no device synchronisation.
-            param.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0).to(param.grad.dtype))
-    return torch.linalg.vector_norm(torch.stack(norms))
+            factors = (max_norm / (group_norms + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
+            torch._foreach_mul_(grads, factors.unbind())
+        norms.append(group_norms.to(params[0].grad.device))
+    return torch.linalg.vector_norm(torch.cat(norms))
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` split by device and dtype (in first-seen order), as foreach ops and ``torch.stack`` need."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    return list(groups.values())
 
 
 def backward_step(
