@@ -1,4 +1,4 @@
-"""Tests of the 2D X-ray data layer: reader, DAX preprocessing, DINO multi-crop, X-ray datalists."""
+"""Tests of the 2D X-ray data layer: reader, DAX preprocessing, X-ray datalists (multi-crop: test_multicrop.py)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from monai.data import DataLoader as MonaiDataLoader
-from monai.data import Dataset, MetaTensor
+from monai.data import MetaTensor
 from monai.transforms import Compose, ScaleIntensityd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from torch.utils.data import DataLoader
 
 import dae.data.xray as xray_module
 from dae.cli import main
 from dae.data import (
     DatalistError,
     DAXPreprocessd,
-    DINOMultiCrop,
     LoadXRayd,
-    MultiCropd,
     RandDAXPreprocessd,
     dax_preprocess,
     load_datalist,
@@ -256,68 +252,6 @@ def test_split_loaders_check_every_split_before_caching(tmp_path: Path) -> None:
     path.write_text(json.dumps(broken))
     with pytest.raises(DatalistError, match=r"missing\.png"):
         split_loaders(path, REPO / "data", transform, cache_rate=1.0)
-
-
-# ----------------------------------------------------------------------------------------------- multi-crop
-
-
-@pytest.mark.parametrize("version", ["v1", "v2"])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_multicrop_shapes_and_range(version: str, channels: int) -> None:
-    torch.manual_seed(0)
-    image = 1e-3 * (1.0 + torch.rand(1, 70, 60))  # float values an 8-bit pipeline would round to 0
-    multicrop = DINOMultiCrop(version, global_size=48, local_size=24, local_crops_number=3, out_channels=channels)
-    crops = multicrop(image)
-    assert len(crops) == 2 + 3
-    assert [tuple(c.shape) for c in crops] == [(channels, 48, 48)] * 2 + [(channels, 24, 24)] * 3
-    for crop in crops:
-        assert crop.dtype == torch.float32 and type(crop) is torch.Tensor
-        assert crop.min() >= 0.0 and crop.max() <= 1.0
-        if channels == 3:
-            assert torch.equal(crop[0], crop[1]) and torch.equal(crop[0], crop[2])
-    assert 0 < crops[0].max() < 0.01  # not quantised, not solarised (threshold 0.5)
-    torch.manual_seed(0)
-    torch.rand(1, 70, 60)
-    again = multicrop(image)
-    assert all(torch.equal(a, b) for a, b in zip(crops, again))
-
-
-def test_multicrop_defaults_normalisation_and_errors() -> None:
-    torch.manual_seed(1)
-    image = MetaTensor(torch.rand(1, 120, 100))
-    crops = DINOMultiCrop()(image)
-    assert [tuple(c.shape) for c in crops] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 8
-    torch.manual_seed(1)
-    plain = DINOMultiCrop(global_size=32, local_size=16, local_crops_number=1)(image)
-    torch.manual_seed(1)
-    normed = DINOMultiCrop(global_size=32, local_size=16, local_crops_number=1, mean=0.5, std=0.25)(image)
-    assert all(torch.allclose(n, (p - 0.5) / 0.25) for n, p in zip(normed, plain))
-    with pytest.raises(TypeError, match="float"):
-        DINOMultiCrop()(torch.zeros(1, 50, 50, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"\[1, H, W\]"):
-        DINOMultiCrop()(torch.zeros(3, 50, 50))
-    with pytest.raises(ValueError, match="both mean and std"):
-        DINOMultiCrop(mean=0.5)
-    with pytest.raises(ValueError, match="version"):
-        DINOMultiCrop("v3")
-
-
-@pytest.mark.parametrize("loader_class", [DataLoader, MonaiDataLoader])
-def test_multicrop_batches_through_monai_dataset(loader_class: type) -> None:
-    multicrop = DINOMultiCrop("v2", global_size=32, local_size=16, local_crops_number=2)
-    crop = MultiCropd("image", multicrop, output_key="crops", drop_image=True)
-    transform = Compose([LoadXRayd("image"), xray_preprocessing("minmax"), crop])
-    data = [{"image": str(p), "label": i} for i, p in enumerate(JPEGS)] * 2
-    batches = list(loader_class(Dataset(data, transform), batch_size=2, num_workers=0))
-    assert len(batches) == 2
-    batch = batches[0]
-    assert "image" not in batch and torch.equal(torch.as_tensor(batch["label"]), torch.tensor([0, 1]))
-    assert isinstance(batch["crops"], list) and len(batch["crops"]) == 4
-    assert [tuple(c.shape) for c in batch["crops"]] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 2
-    kept = MultiCropd("image", multicrop)({"image": torch.rand(1, 40, 40)})
-    assert set(kept) == {"image", "crops"}
-    with pytest.raises(ValueError, match="one key"):
-        MultiCropd(["image", "other"])
 
 
 # ----------------------------------------------------------------------------------------------- datalists
