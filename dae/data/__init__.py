@@ -1,5 +1,6 @@
 """Data layer: a SimpleITK reader for MONAI, datalists with validation, and modality-aware intensity scaling; 2D X-ray
-reading, datalists, DAX preprocessing and DINO multi-crop views."""
+reading, datalists, DAX preprocessing, the uint8 DINO multi-crop path with its device-side augmentation, and
+training loaders whose random stream is seeded per sample and epoch."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dae.data.datalist import (
     read_image_header,
     validate_datalist,
 )
+from dae.data.device_augment import CropAugment, augment_batch, augment_crops
 from dae.data.labels import (
     BTCV_CLASSES,
     FETA_ATLAS_TO_FETA,
@@ -28,8 +30,9 @@ from dae.data.labels import (
     totalsegmentator_to_btcv,
 )
 from dae.data.loaders import split_loaders
-from dae.data.multicrop import DINOMultiCrop, MultiCropd
+from dae.data.multicrop import DINOMultiCrop, MultiCropd, multicrop_working_size
 from dae.data.readers import SimpleITKReader, find_dicom_series
+from dae.data.seeded_loading import EpochSampler, EpochShuffleSampler, SeededDataset, sample_seeds, seeded_loader
 from dae.data.splits import (
     assign_patients,
     case_id_from_filename,
@@ -47,6 +50,7 @@ from dae.data.xray_transforms import (
     dax_preprocess,
     xray_preprocessing,
 )
+from dae.data.xray_uint8 import VARIANTS_SUFFIX, DAXv2Variants, RandXRayVariantd, XRayToUint8d, reduce_to_uint8
 
 __all__ = [
     "BTCV_CLASSES",
@@ -56,18 +60,28 @@ __all__ = [
     "MODALITY_GROUPS",
     "PREPROCESSING_NAMES",
     "TOTALSEGMENTATOR_BTCV_NAMES",
+    "VARIANTS_SUFFIX",
     "XRAY_EXTENSIONS",
+    "CropAugment",
     "DAXPreprocessd",
+    "DAXv2Variants",
     "DINOMultiCrop",
     "DatalistError",
+    "EpochSampler",
+    "EpochShuffleSampler",
     "ImageHeader",
     "LoadXRayd",
     "MultiCropd",
     "RandDAXPreprocessd",
+    "RandXRayVariantd",
     "RemapLabelsd",
     "ScaleIntensityByModalityd",
+    "SeededDataset",
     "SimpleITKReader",
+    "XRayToUint8d",
     "assign_patients",
+    "augment_batch",
+    "augment_crops",
     "case_id_from_filename",
     "dax_preprocess",
     "estimate_cache_bytes",
@@ -79,12 +93,16 @@ __all__ = [
     "load_datalist",
     "log_cache_estimate",
     "make_xray_datalist",
+    "multicrop_working_size",
     "pair_images_and_labels",
     "read_class_names",
     "read_image_header",
     "read_totalsegmentator_classes",
     "read_xray",
+    "reduce_to_uint8",
     "remap_labels",
+    "sample_seeds",
+    "seeded_loader",
     "split_loaders",
     "totalsegmentator_to_btcv",
     "validate_datalist",
