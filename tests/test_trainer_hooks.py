@@ -129,15 +129,25 @@ def test_clip_modes(tmp_path: Path, clip_mode: str) -> None:
         _toy(tmp_path, clip_mode="norm")
 
 
-def test_non_finite_loss_names_the_losses_and_the_hint(tmp_path: Path) -> None:
-    trainer = _toy(tmp_path)
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    x, y = next(iter(trainer.train_loader))
+class NanAtStep5(Toy):
+    def compute_losses(self, batch: Any) -> dict[str, torch.Tensor]:
+        losses = super().compute_losses(batch)
+        return {k: v * float("nan") for k, v in losses.items()} if self.global_step == 5 else losses
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step_the_losses_and_the_hint(tmp_path: Path) -> None:
+    # Read on the host every 10 steps and at the end of each 4-step epoch: step 5 is found at the end of epoch 2.
+    trainer = _toy(tmp_path, NanAtStep5, log_interval=10)
     with pytest.raises(
-        FloatingPointError, match=r"non-finite loss at epoch 1, step 0 \(lr 0.001.*mse=nan; try a smaller"
+        FloatingPointError,
+        match=r"non-finite loss at epoch 2, step 5 \(lr 0.0\d+, extra 1.\d+\): "
+        r"loss=nan, mse=nan, grad_norm=nan; try a smaller",
     ):
-        trainer.train_step((x, torch.full_like(y, float("nan"))))
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+        trainer.run()
+    assert [r["step"] for r in _steps(tmp_path)] == [1, 2, 3, 4, 5]  # the records before the failure are kept
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert checkpoint["epoch"] == 1  # nothing after the failure was saved
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
 
 
 def test_validation_without_the_best_metric_is_an_error(tmp_path: Path) -> None:

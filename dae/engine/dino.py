@@ -29,9 +29,11 @@ from dae.engine.trainer import Trainer
 from dae.losses.dino import DINOLoss
 from dae.models.backbone2d import backbone_config, is_vit
 from dae.models.multicrop import MultiCropWrapper
+from dae.utils.performance import channels_last_module, compile_module
 from dae.utils.pictures import attention_picture, crops_picture
 from dae.utils.schedules import CosineSchedule
 from dae.utils.seed import restore_rng_state
+from dae.utils.tensors import plain_tensor
 
 __all__ = ["DinoTrainer"]
 
@@ -71,6 +73,10 @@ class DinoTrainer(Trainer):
         momentum_teacher: EMA momentum at the first iteration, raised to 1 by a cosine.
         freeze_last_layer: epochs during which the head's last layer gets no update.
         crops_key: batch key of the list of crops ``[global_1, global_2, local_1, ...]``, each ``(B, C, h, w)``.
+        crop_transform: applied to the list of crops once they are on the device, before the networks, e.g.
+            :class:`dae.data.device_augment.CropAugment` (uint8 to float, channels, normalisation, and
+            optionally the colour, blur and solarise augmentation of the whole batch on the GPU); its
+            ``state_dict`` (a generator) is checkpointed when it has one.
         monitor: the validation, ``teacher backbone -> {"knn_top1": ..., ...}``; required with ``val_loader``.
         image_key: batch key of the images of ``val_loader`` (for the attention maps).
         attention_images: how many fixed validation images show their attention maps (ViTs only).
@@ -99,6 +105,7 @@ class DinoTrainer(Trainer):
         momentum_teacher: float = 0.996,
         freeze_last_layer: int = 1,
         crops_key: str = "crops",
+        crop_transform: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
         monitor: Callable[[nn.Module], Mapping[str, float]] | None = None,
         image_key: str = "image",
         attention_images: int = 4,
@@ -116,6 +123,10 @@ class DinoTrainer(Trainer):
         self.teacher = teacher.to(self.device)
         self.teacher.load_state_dict(network.state_dict())
         self.teacher.requires_grad_(False)
+        if self.channels_last:
+            channels_last_module(self.teacher)
+        compile_module(self.teacher, self.compile)
+        self.crop_transform = crop_transform
         self.loss_function = loss_function.to(self.device)
         self.freeze_last_layer = freeze_last_layer
         self.crops_key = crops_key
@@ -133,16 +144,21 @@ class DinoTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "teacher": self.teacher.state_dict(),
             "dino_loss": self.loss_function.state_dict(),
             "backbone_config": backbone_config(self.model.backbone),
             "args": self.run_config,
         }
+        if hasattr(self.crop_transform, "state_dict"):
+            state["crop_transform"] = self.crop_transform.state_dict()
+        return state
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.teacher.load_state_dict(state["teacher"])
         self.loss_function.load_state_dict(state["dino_loss"])
+        if "crop_transform" in state and hasattr(self.crop_transform, "load_state_dict"):
+            self.crop_transform.load_state_dict(state["crop_transform"])
 
     # ------------------------------------------------------------------ one iteration
     def before_step(self) -> dict[str, float]:
@@ -153,17 +169,21 @@ class DinoTrainer(Trainer):
         return {**scheduled, "wd": wd, "momentum": self.momentum_schedule(self.global_step)}
 
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The DINO loss (teacher on the 2 global crops, student on all) and its diagnostics."""
-        crops = [self.to_device(c) for c in batch[self.crops_key]]
+        """The DINO loss (teacher on the 2 global crops, student on all) and, at log steps, its diagnostics."""
+        crops = [plain_tensor(c).to(self.device, non_blocking=True) for c in batch[self.crops_key]]
         if len(crops) != self.loss_function.ncrops:
             raise ValueError(
                 f"the batch has {len(crops)} crops but the loss was built for ncrops={self.loss_function.ncrops}"
             )
-        self._last_crops = [c[:1].detach() for c in crops]
+        if self.crop_transform is not None:
+            crops = self.crop_transform(crops)
+        crops = [self.layout(c) for c in crops]
+        if self.log_step:  # a copy, so that the batch is not kept alive for the pictures
+            self._last_crops = [c[:1].clone() for c in crops]
         with self.autocast():
             teacher_output = self.teacher(crops[:2])  # only the 2 global views pass through the teacher
             student_output = self.ddp_model(crops)
-        loss, metrics = self.loss_function(student_output, teacher_output, self.epoch)
+        loss, metrics = self.loss_function(student_output, teacher_output, self.epoch, diagnostics=self.log_step)
         return {"loss": loss, **metrics}
 
     def before_update(self) -> None:
@@ -212,7 +232,7 @@ class DinoTrainer(Trainer):
         if is_vit(self.teacher.backbone) and self.attention_images > 0:
             first = next(iter(self.val_loader))[self.image_key][: self.attention_images]
             pictures["val/teacher_last_layer_attention"] = attention_picture(
-                self.teacher.backbone, self.to_device(first).float()
+                self.teacher.backbone, self.to_device(first, torch.float32)
             )
         self.teacher.train()
         restore_rng_state(outer_rng)

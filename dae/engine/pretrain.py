@@ -73,7 +73,7 @@ class PretrainTrainer(Trainer):
         self.generator.set_state(state["disruption_generator"])
 
     def _batch(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.to_device(batch[self.image_key]).float()
+        images = self.to_device(batch[self.image_key], torch.float32)
         if self.label_key in batch:
             labels = self.to_device(batch[self.label_key]).long()
         elif self.loss_function.contrastive_weight > 0:
@@ -93,7 +93,8 @@ class PretrainTrainer(Trainer):
 
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         images, labels = self._batch(batch)
-        self._last_images = images[:1].detach()
+        if self.log_step:  # a copy, so that the batch is not kept alive for the pictures
+            self._last_images = images[:1].clone()
         _, out = self._reconstruct(self.ddp_model, images, self.generator)
         return self.loss_function(out.reconstruction, images, out.projection, labels)
 

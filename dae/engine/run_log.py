@@ -59,15 +59,21 @@ class RunLog:
                 path.write_text("".join(ln + "\n" for ln in lines))
         self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=global_step or None)
 
-    def step(self, global_step: int, epoch: int, record: Mapping[str, float]) -> None:
-        """Record iteration ``global_step`` (1-based, after the update) of ``epoch`` (1-based)."""
-        if not self.enabled:
+    def steps(self, records: Sequence[tuple[int, Mapping[str, float]]], epoch: int) -> None:
+        """Record iterations ``(global_step, record)`` of ``epoch`` (1-based; steps counted after the update).
+
+        Every record becomes a line of ``train_steps.jsonl``; those of every ``log_interval``-th step also go to
+        TensorBoard.
+        """
+        if not self.enabled or not records:
             return
         with (self.metrics_dir / "train_steps.jsonl").open("a") as f:
-            f.write(json.dumps({"step": global_step, "epoch": epoch, **record}) + "\n")
-        if self.writer is not None and global_step % self.log_interval == 0:
-            for key, value in record.items():
-                self.writer.add_scalar(f"train_step/{key}", value, global_step)
+            f.write("".join(json.dumps({"step": step, "epoch": epoch, **record}) + "\n" for step, record in records))
+        if self.writer is not None:
+            for step, record in records:
+                if step % self.log_interval == 0:
+                    for key, value in record.items():
+                        self.writer.add_scalar(f"train_step/{key}", value, step)
 
     def epoch(
         self,

@@ -62,7 +62,7 @@ class SegmentationTrainer(Trainer):
         self.label_key = label_key
 
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        images = self.to_device(batch[self.image_key]).float()
+        images = self.to_device(batch[self.image_key], torch.float32)
         labels = self.to_device(batch[self.label_key])
         with self.autocast():
             logits = self.ddp_model(images)

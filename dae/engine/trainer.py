@@ -6,9 +6,14 @@ scheduled values (:meth:`Trainer.before_step`), touch the gradients before the u
 (:meth:`Trainer.before_update`), or update other networks after it (:meth:`Trainer.after_step`). This class
 does the rest: mixed precision, gradient clipping, a per-iteration warm-up + cosine learning rate, DDP,
 validation scheduling and best-model tracking, atomic checkpoints with exact resumption, per-iteration and
-per-epoch metric files, TensorBoard and a progress bar.
+per-epoch metric files, TensorBoard and a progress bar, and the GPU speed settings (channels-last layout,
+``torch.compile``; see :mod:`dae.utils.performance`).
 
-The module is a little over 400 lines on purpose: the loop, its hooks, checkpointing and resumption are one
+The step never reads a device value on the host: losses, metrics and the gradient norm stay on the device and
+are read together every ``log_interval`` iterations and at the end of each epoch (one transfer for all of
+them); the check that the loss is finite happens then, and names the first iteration whose loss was not.
+
+The module is close to 500 lines on purpose: the loop, its hooks, checkpointing and resumption are one
 class to read top to bottom (the metric files and log lines are in :mod:`dae.engine.run_log`).
 """
 
@@ -27,13 +32,16 @@ from monai.data.utils import set_rnd
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dae.data.seeded_loading import SeededDataset
 from dae.engine.run_log import RunLog
 from dae.engine.step import CLIP_MODES, backward_step
 from dae.utils.checkpoint import load_checkpoint, save_checkpoint
+from dae.utils.config import resolve_flag
 from dae.utils.dist import all_reduce_mean, barrier, get_rank, is_distributed, is_main_process
+from dae.utils.performance import channels_last, channels_last_module, compile_module
 from dae.utils.precision import amp_dtype
 from dae.utils.schedules import CosineSchedule
 from dae.utils.seed import capture_rng_state, restore_rng_state, seed_everything
@@ -56,7 +64,8 @@ class Trainer:
       ``optimizer``, ``scaler``, ``epoch``, ``global_step``, the best metric and the generator states (the
       schedules are functions of ``global_step``, so they need no state), and loads with
       ``torch.load(..., weights_only=True)``;
-    - ``metrics/train_steps.jsonl`` (one line per iteration) and ``metrics/epochs.jsonl`` (one per epoch);
+    - ``metrics/train_steps.jsonl`` (one line per iteration, written every ``log_interval`` iterations) and
+      ``metrics/epochs.jsonl`` (one per epoch);
     - ``tensorboard/`` with the losses, learning rate, gradient norm, data-wait share and pictures.
 
     Args:
@@ -78,13 +87,19 @@ class Trainer:
         val_interval: validate every this many epochs.
         save_interval: also keep ``epoch_NNNN.pt`` every this many epochs (0: never).
         image_interval: write TensorBoard pictures every this many epochs (0: never).
-        log_interval: write per-iteration TensorBoard scalars every this many iterations.
+        log_interval: read the step records on the host (one synchronisation), check the loss, write them
+            and the per-iteration TensorBoard scalars every this many iterations; a non-finite loss stops the
+            run at the next such read, at the latest.
         seed: base seed of the data order, augmentation and disruptions (rank ``r`` uses ``seed + r``).
         resume: continue from ``output_dir/checkpoints/latest.pt`` when it exists.
         resume_from: continue from this checkpoint instead (must exist).
         epochs_per_run: stop this process after this many epochs (for schedulers with time limits); the next
             launch with ``resume`` continues the same run.
         progress: show a progress bar.
+        channels_last: keep the network's convolution weights and the batch's images and volumes in
+            channels-last layout (``torch.channels_last`` / ``channels_last_3d``), which tensor-core
+            convolutions prefer; the same numbers, another memory order.
+        compile: compile the network with ``torch.compile`` (in place: checkpoints keep their keys).
     """
 
     #: validation metric that selects ``best.pt``, and whether lower (``"min"``) or higher is better
@@ -121,6 +136,8 @@ class Trainer:
         resume_from: str | Path | None = None,
         epochs_per_run: int | None = None,
         progress: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         self.amp, self.amp_dtype = amp, amp_dtype(amp)
         if clip_mode not in CLIP_MODES:
@@ -130,7 +147,13 @@ class Trainer:
         if len(train_loader) == 0:
             raise ValueError("the training loader yields no batch: check the datalist, batch_size and drop_last")
         self.device = torch.device(device)
+        # Read strictly: a command line's "false" arrives as the string 'false', which Python takes as true.
+        self.channels_last = resolve_flag(channels_last, "channels_last")
+        self.compile = resolve_flag(compile, "compile")
         self.model = network.to(self.device)
+        if self.channels_last:
+            channels_last_module(self.model)
+        compile_module(self.model, self.compile)
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.val_loader = val_loader
@@ -163,6 +186,9 @@ class Trainer:
         self._resume = bool(resume_from) or (resume and self._resume_path.is_file())
         self._rng_to_restore: dict[str, Any] | None = None
         self.ddp_model: nn.Module = self.model
+        #: True during an iteration whose records are read on the host (every ``log_interval``-th and the last of
+        #: an epoch): :meth:`compute_losses` may add diagnostics that are not worth computing at every step.
+        self.log_step = False
 
     # ------------------------------------------------------------------ task hooks
     def before_step(self) -> dict[str, float]:
@@ -176,10 +202,12 @@ class Trainer:
             group["lr"] = schedule(self.global_step)
         return {"lr": self.optimizer.param_groups[0]["lr"]}
 
-    def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor | float]:
         """Forward one training batch; return fp32 scalar losses, the total under ``"loss"``.
 
-        Every entry is logged; only ``"loss"`` is back-propagated.
+        Every entry is logged; only ``"loss"`` is back-propagated. Keep values on the device (no ``.item()``,
+        ``float()`` or Python ``if`` on them): the loop reads them in batches. Values known on the host may be
+        floats.
         """
         raise NotImplementedError
 
@@ -228,9 +256,13 @@ class Trainer:
         """The mixed-precision context of this run (a no-op when ``amp`` is ``"none"``)."""
         return autocast(self.device, self.amp_dtype)
 
-    def to_device(self, value: Any) -> torch.Tensor:
-        """A batch entry as a plain tensor on the training device (MONAI metadata dropped)."""
-        return plain_tensor(value).to(self.device, non_blocking=True)
+    def to_device(self, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A batch entry as a plain tensor on the training device (MONAI metadata dropped), see :meth:`layout`."""
+        return self.layout(plain_tensor(value).to(self.device, dtype=dtype, non_blocking=True))
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory layout of this run: channels-last for float images and volumes when enabled."""
+        return channels_last(x) if self.channels_last and x.is_floating_point() else x
 
     def wrap_ddp(self) -> None:
         """Wrap the model in DDP when a process group with several ranks exists (call after freezing)."""
@@ -303,19 +335,17 @@ class Trainer:
         barrier()
 
     # ------------------------------------------------------------------ one step, one epoch
-    def train_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor | float]:
         """The one optimisation step of every trainer; returns the losses, scheduled values and gradient norm.
 
-        :meth:`before_step`, :meth:`compute_losses`, a check that the loss is finite, then
-        :func:`~dae.engine.step.backward_step` (clipping with ``clip_grad`` and ``clip_mode`` over the model's
-        parameters, :meth:`before_update` before the update), then :meth:`after_step`.
-
-        Raises:
-            FloatingPointError: when the loss is not finite (nothing is updated).
+        :meth:`before_step`, :meth:`compute_losses`, then :func:`~dae.engine.step.backward_step` (clipping
+        with ``clip_grad`` and ``clip_mode`` over the model's parameters, :meth:`before_update` before the
+        update), then :meth:`after_step`. Nothing is read from the device: the losses and the gradient norm
+        come back as detached device tensors (the scheduled values as floats); :meth:`train_epoch` reads them
+        every ``log_interval`` iterations and stops the run on a non-finite loss.
         """
         scheduled = self.before_step()
         losses = self.compute_losses(batch)
-        self._check_finite(losses, scheduled)
         grad_norm = backward_step(
             losses["loss"],
             self.optimizer,
@@ -327,33 +357,63 @@ class Trainer:
         )
         self.after_step()
         self.global_step += 1
-        record = {k: float(v.detach()) for k, v in losses.items()}
-        record.update(scheduled)
-        record["grad_norm"] = float(grad_norm)
-        return record
+        measured = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in losses.items()}
+        return {**measured, **scheduled, "grad_norm": grad_norm}
 
-    def _check_finite(self, losses: Mapping[str, torch.Tensor], scheduled: Mapping[str, float]) -> None:
-        if torch.isfinite(losses["loss"]):
-            return
+    def read_records(self, pending: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, float]]]:
+        """The records of the iterations in ``pending`` (``(global step after the update, record)``) as floats.
+
+        All device values are read in one transfer.
+        """
+        values = [v for _, record in pending for v in record.values() if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack([v.to(self.device, torch.float32) for v in values]).tolist() if values else [])
+        return [
+            (step, {k: next(read) if isinstance(v, torch.Tensor) else float(v) for k, v in record.items()})
+            for step, record in pending
+        ]
+
+    def _non_finite_error(self, step: int, record: Mapping[str, float], measured: set[str]) -> FloatingPointError:
         message = (
-            f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step} ("
-            + ", ".join(f"{k} {v:.3g}" for k, v in scheduled.items())
+            f"non-finite loss at epoch {self.epoch + 1}, step {step - 1} ("
+            + ", ".join(f"{k} {v:.3g}" for k, v in record.items() if k not in measured)
             + "): "
-            + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k in measured)
         )
-        raise FloatingPointError(f"{message}; {self.non_finite_hint}" if self.non_finite_hint else message)
+        return FloatingPointError(f"{message}; {self.non_finite_hint}" if self.non_finite_hint else message)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training loader; returns the epoch means (averaged over ranks)."""
         self.ddp_model.train()
-        sampler = getattr(self.train_loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(self.epoch)
-        # Re-seed the random transforms of an in-process loader from the (checkpointed) global generator, so
-        # that a resumed run draws the same crops; worker processes are seeded by MONAI's worker_init_fn.
-        set_rnd(self.train_loader.dataset, int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        for sampler in (getattr(self.train_loader, "sampler", None), getattr(self.train_loader, "batch_sampler", None)):
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler, dae.data.EpochSampler
+                sampler.set_epoch(self.epoch)
+        if not isinstance(self.train_loader.dataset, SeededDataset):
+            # A plain loader: re-seed the random transforms of in-process loading from the (checkpointed) global
+            # generator, so that a resumed run draws the same crops; worker processes are seeded by MONAI's
+            # worker_init_fn from the same generator. A dae.data.seeded_loader needs neither: its samples are
+            # seeded from (seed, epoch, index), whatever the workers.
+            set_rnd(self.train_loader.dataset, int(torch.randint(0, 2**31 - 1, (1,)).item()))
 
         sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        pending: list[tuple[int, dict[str, Any]]] = []
+
+        def read_pending() -> None:
+            records = self.read_records(pending)
+            bad = next((i for i, (_, record) in enumerate(records) if not math.isfinite(record["loss"])), None)
+            if bad is not None:
+                # The run stops here, before the epoch's checkpoint: the records up to the failure are kept.
+                self.log.steps(records[:bad], self.epoch + 1)
+                measured = {k for k, v in pending[bad][1].items() if isinstance(v, torch.Tensor)}
+                raise self._non_finite_error(*records[bad], measured)
+            pending.clear()
+            for _, record in records:
+                for key, value in record.items():
+                    sums[key] += value
+                    counts[key] += 1
+            self.log.steps(records, self.epoch + 1)
+            bar.set_postfix(loss=f"{records[-1][1]['loss']:.4f}", lr=f"{records[-1][1]['lr']:.2e}")
+
         wait, start = 0.0, time.perf_counter()
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -363,18 +423,22 @@ class Trainer:
             mininterval=1.0,
         )
         tic = time.perf_counter()
-        for batch in self.train_loader:
+        for index, batch in enumerate(self.train_loader):
             wait += time.perf_counter() - tic
-            record = self.train_step(batch)
-            for key, value in record.items():
-                sums[key] += value
-            self.log.step(self.global_step, self.epoch + 1, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            self.log_step = (self.global_step + 1) % self.log.log_interval == 0 or index == self.steps_per_epoch - 1
+            pending.append((self.global_step + 1, self.train_step(batch)))
+            if self.log_step:
+                read_pending()
             bar.update()
             tic = time.perf_counter()
+        self.log_step = False
+        if pending:
+            read_pending()
         bar.close()
-        means = {k: v / self.steps_per_epoch for k, v in sums.items()}
-        means = {k: float(all_reduce_mean(torch.tensor(v, device=self.device))) for k, v in means.items()}
+        # Means over the iterations that recorded each key (diagnostics may be computed at log steps only).
+        keys = sorted(sums)
+        local = torch.tensor([sums[k] / counts[k] for k in keys], device=self.device)
+        means = dict(zip(keys, all_reduce_mean(local).tolist()))
         means["data_wait_fraction"] = wait / max(time.perf_counter() - start, 1e-9)
         return means
 

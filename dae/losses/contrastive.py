@@ -75,11 +75,10 @@ class SupervisedContrastiveLoss(nn.Module):
             self_mask = anchor_index[:, None] == torch.arange(all_z.shape[0], device=z.device)[None, :]
             positives = (labels[:, None] == all_labels[None, :]) & ~self_mask
             num_positives = positives.sum(dim=1)
-            has_positive = num_positives > 0
-            if not has_positive.any():
-                return features.float().sum() * 0
+            has_positive = (num_positives > 0).float()
 
             logits = (z @ all_z.T / self.temperature).masked_fill(self_mask, float("-inf"))
             log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
             per_anchor = -log_prob.masked_fill(~positives, 0.0).sum(dim=1) / num_positives.clamp(min=1)
-            return per_anchor[has_positive].mean()
+            # A weighted mean rather than indexing by the mask: no host synchronisation; 0 without positives.
+            return (per_anchor * has_positive).sum() / has_positive.sum().clamp(min=1)

@@ -118,20 +118,22 @@ class DINOLoss(nn.Module):
         return self.temperature_schedule(epoch)
 
     def forward(
-        self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int, diagnostics: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Compute the loss, then update the centre.
 
         Args:
             student_output: student head outputs for all views, view-major, shape (ncrops * B, K); any dtype.
             teacher_output: teacher head outputs for the 2 global views, view-major, shape (2 * B, K).
             epoch: current epoch (0-based), which sets the teacher temperature.
+            diagnostics: also compute the entropies below (four passes over the outputs; the training loop asks
+                for them only at the iterations it logs).
 
         Returns:
-            The scalar fp32 loss and a dict of detached fp32 scalar diagnostics: ``teacher_entropy``,
-            ``student_entropy`` (mean entropies in nats), ``teacher_kl_uniform`` (``ln K - teacher_entropy``),
-            ``kl_teacher_student`` (mean KL(teacher || student) over the pairs), ``teacher_temp`` and
-            ``uniform_loss`` (``ln K``).
+            The scalar fp32 loss and a dict of diagnostics: ``teacher_temp`` and ``uniform_loss`` (``ln K``) as
+            floats, and with ``diagnostics`` the detached fp32 scalars ``teacher_entropy``, ``student_entropy``
+            (mean entropies in nats), ``teacher_kl_uniform`` (``ln K - teacher_entropy``) and
+            ``kl_teacher_student`` (mean KL(teacher || student) over the pairs).
         """
         batch = teacher_output.shape[0] // 2
         if (
@@ -153,7 +155,6 @@ class DINOLoss(nn.Module):
             student_log_prob = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
             teacher_logits = (teacher - self.center.float()) / tau_t
             teacher_prob = F.softmax(teacher_logits, dim=-1)
-            teacher_log_prob = F.log_softmax(teacher_logits, dim=-1)
 
             # cross[i, v] = batch-mean cross-entropy between teacher view i and student view v.
             student_views = student_log_prob.view(self.ncrops, batch, self.out_dim)
@@ -163,19 +164,19 @@ class DINOLoss(nn.Module):
             loss = (cross.sum() - cross.diagonal().sum()) / (2 * self.ncrops - 2)
 
             with torch.no_grad():
-                teacher_entropy = -(teacher_prob * teacher_log_prob).sum(dim=-1).mean()
-                student_entropy = -(student_log_prob.exp() * student_log_prob).sum(dim=-1).mean()
                 uniform_loss = math.log(self.out_dim)
-                metrics = {
-                    "teacher_entropy": teacher_entropy,
-                    "student_entropy": student_entropy,
-                    "teacher_kl_uniform": uniform_loss - teacher_entropy,
-                    # Each teacher view occurs in the same number of pairs, so the pair mean of
-                    # KL = CE - H(teacher) is the loss minus the mean teacher entropy.
-                    "kl_teacher_student": (loss.detach() - teacher_entropy).clamp(min=0.0),
-                    "teacher_temp": teacher.new_tensor(tau_t),
-                    "uniform_loss": teacher.new_tensor(uniform_loss),
-                }
+                metrics: dict[str, torch.Tensor | float] = {"teacher_temp": tau_t, "uniform_loss": uniform_loss}
+                if diagnostics:
+                    teacher_log_prob = F.log_softmax(teacher_logits, dim=-1)
+                    teacher_entropy = -(teacher_prob * teacher_log_prob).sum(dim=-1).mean()
+                    metrics |= {
+                        "teacher_entropy": teacher_entropy,
+                        "student_entropy": -(student_log_prob.exp() * student_log_prob).sum(dim=-1).mean(),
+                        "teacher_kl_uniform": uniform_loss - teacher_entropy,
+                        # Each teacher view occurs in the same number of pairs, so the pair mean of
+                        # KL = CE - H(teacher) is the loss minus the mean teacher entropy.
+                        "kl_teacher_student": (loss.detach() - teacher_entropy).clamp(min=0.0),
+                    }
                 self._update_center(teacher)
         return loss, metrics
 
