@@ -18,9 +18,18 @@ def config_files(bundle: str, *names: str) -> str:
 
 
 def run_bundle(
-    bundle: str, configs: tuple[str, ...], *overrides: str, launcher: list[str] | None = None, check: bool = True
+    bundle: str,
+    configs: tuple[str, ...],
+    *overrides: str,
+    launcher: list[str] | None = None,
+    check: bool = True,
+    one_thread: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run the bundle from the repository root; with ``check``, fail the test (showing the log) on an error."""
+    """Run the bundle from the repository root; with ``check``, fail the test (showing the log) on an error.
+
+    ``one_thread`` (always with a ``launcher``) runs each process on one thread: bit-identical reruns, since
+    multi-threaded CPU reductions may sum in another order.
+    """
     cmd = [
         *(launcher or [sys.executable]),
         "-m",
@@ -30,7 +39,7 @@ def run_bundle(
         config_files(bundle, *configs),
     ]
     # One thread per process when several run side by side on the CI's two cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if launcher else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if launcher or one_thread else None
     proc = subprocess.run([*cmd, *overrides], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     if check:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

@@ -17,8 +17,12 @@ from tests.bundle_cli import read_jsonl, run_bundle
 SMALL = ["--batch_size", "3", "--num_samples", "1", "--val_num_samples", "1", "--cache_num_workers", "1"]
 
 
-def run_pretrain(out: Path, *overrides: str, configs=("train.yaml", "demo.yaml"), launcher=None) -> str:
-    proc = run_bundle("dae_pretrain", configs, "--output_dir", str(out), *SMALL, *overrides, launcher=launcher)
+def run_pretrain(
+    out: Path, *overrides: str, configs=("train.yaml", "demo.yaml"), launcher=None, one_thread=False
+) -> str:
+    proc = run_bundle(
+        "dae_pretrain", configs, "--output_dir", str(out), *SMALL, *overrides, launcher=launcher, one_thread=one_thread
+    )
     return proc.stdout + proc.stderr
 
 
@@ -58,14 +62,16 @@ def test_two_step_run_leaves_checkpoint_images_and_config(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_the_same_curve(tmp_path):
+    # The straight run loads in-process; the split one with 2 persistent workers: the crops must not change.
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_pretrain(straight, "--epochs", "2")
-    run_pretrain(split, "--epochs", "2", "--epochs_per_run", "1")
+    run_pretrain(straight, "--epochs", "2", "--num_workers", "0", one_thread=True)
+    run_pretrain(split, "--epochs", "2", "--epochs_per_run", "1", "--num_workers", "2", one_thread=True)
     assert len(step_losses(split)) == 2
-    log = run_pretrain(split, "--epochs", "2")
+    log = run_pretrain(split, "--epochs", "2", "--num_workers", "2", one_thread=True)
     assert "resumed from" in log
     a, b = step_losses(straight), step_losses(split)
     assert [s["step"] for s in a] == [s["step"] for s in b] == [1, 2, 3, 4]
+    assert a[2]["reconstruction"] != a[0]["reconstruction"]  # epoch 2 draws other crops than epoch 1
     for x, y in zip(a, b):
         for key in ("loss", "reconstruction", "contrastive"):
             assert x[key] == pytest.approx(y[key], abs=1e-6, rel=0), (x["step"], key)
