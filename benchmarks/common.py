@@ -195,8 +195,7 @@ class TrainingLoop:
             tic = time.perf_counter()
             batch = self.next_batch()
             wait += time.perf_counter() - tic
-            last_of_epoch = self._index == trainer.steps_per_epoch - 1
-            trainer.log_step = (trainer.global_step + 1) % trainer.log.log_interval == 0 or last_of_epoch
+            trainer.log_step = trainer.is_log_step(self._index)
             self._pending.append((trainer.global_step + 1, trainer.train_step(batch)))
             if trainer.log_step:
                 trainer.read_records(self._pending)

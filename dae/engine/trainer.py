@@ -360,6 +360,13 @@ class Trainer:
         measured = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in losses.items()}
         return {**measured, **scheduled, "grad_norm": grad_norm}
 
+    def is_log_step(self, index: int) -> bool:
+        """Whether the next iteration, the ``index``-th (0-based) of its epoch, is read on the host afterwards.
+
+        Every ``log_interval``-th iteration of the run and the last of each epoch are.
+        """
+        return (self.global_step + 1) % self.log.log_interval == 0 or index == self.steps_per_epoch - 1
+
     def read_records(self, pending: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, float]]]:
         """The records of the iterations in ``pending`` (``(global step after the update, record)``) as floats.
 
@@ -425,7 +432,7 @@ class Trainer:
         tic = time.perf_counter()
         for index, batch in enumerate(self.train_loader):
             wait += time.perf_counter() - tic
-            self.log_step = (self.global_step + 1) % self.log.log_interval == 0 or index == self.steps_per_epoch - 1
+            self.log_step = self.is_log_step(index)
             pending.append((self.global_step + 1, self.train_step(batch)))
             if self.log_step:
                 read_pending()
