@@ -148,9 +148,10 @@ class Timing:
 class TrainingLoop:
     """Real training iterations of one trainer, run in stretches that continue one another.
 
-    Each iteration is the one of ``Trainer.train_epoch``: the next batch of the trainer's loader (one iterator,
-    kept between stretches and re-created at the end of an epoch), ``train_step``, and every ``log_interval``-th
-    and last iteration of an epoch the reading of the step records on the host (the loop's one synchronisation).
+    Each iteration is the epoch loop's, ``Trainer.run_iteration``, on the next batch of the trainer's loader (one
+    iterator, kept between stretches and re-created at the end of an epoch): ``train_step``, and every
+    ``log_interval``-th and last iteration of an epoch the reading of the step records on the host (the loop's
+    one synchronisation).
     A stretch synchronises the device only at its ends, so the host runs ahead of the GPU as in training.
 
     Args:
@@ -195,11 +196,7 @@ class TrainingLoop:
             tic = time.perf_counter()
             batch = self.next_batch()
             wait += time.perf_counter() - tic
-            trainer.log_step = trainer.is_log_step(self._index)
-            self._pending.append((trainer.global_step + 1, trainer.train_step(batch)))
-            if trainer.log_step:
-                trainer.read_records(self._pending)
-                self._pending.clear()
+            trainer.run_iteration(batch, self._index, self._pending)
             samples += self.samples(batch)
         self.sync()
         seconds = time.perf_counter() - start

@@ -3,7 +3,7 @@
 from dae.engine.dino import DinoTrainer
 from dae.engine.dino_steps import cancel_last_layer_gradients, update_teacher
 from dae.engine.lars import LARS
-from dae.engine.optim import OPTIMIZERS, build_optimizer, param_groups, scaled_lr
+from dae.engine.optim import OPTIMIZERS, build_optimizer, fused_option, param_groups, scaled_lr
 from dae.engine.pretrain import PretrainTrainer
 from dae.engine.segmentation import SegmentationTrainer
 from dae.engine.step import CLIP_MODES, backward_step, clip_gradients
@@ -21,6 +21,7 @@ __all__ = [
     "build_optimizer",
     "cancel_last_layer_gradients",
     "clip_gradients",
+    "fused_option",
     "param_groups",
     "scaled_lr",
     "update_teacher",

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from dae.engine.lars import LARS
 from dae.utils.config import resolve_flag
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "param_groups", "scaled_lr"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "fused_option", "param_groups", "scaled_lr"]
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
 
@@ -33,6 +33,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         else:
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def fused_option(fused: bool | str) -> bool | None:
+    """torch's ``fused`` argument of AdamW (and Adam) for the flag ``fused``, read strictly: True, or None.
+
+    None rather than False: an explicit ``fused=False`` also turns off torch's default multi-tensor (``foreach``)
+    implementation, leaving a per-parameter loop. Bundles that build ``torch.optim.AdamW`` themselves pass
+    ``fused: "$dae.engine.fused_option(@fused_adamw)"``.
+    """
+    return True if resolve_flag(fused, "fused") else None
 
 
 def build_optimizer(
@@ -68,12 +78,10 @@ def build_optimizer(
     key = name.lower()
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
-    fused = resolve_flag(fused, "fused")
-    if fused and key != "adamw":
+    if fused_option(fused) and key != "adamw":
         raise ValueError(f"fused is for adamw only, got optimizer {name!r}")
     if key == "adamw":
-        # None, not False: an explicit False would also turn off torch's default multi-tensor path on CUDA.
-        return torch.optim.AdamW(groups, lr=lr, fused=True if fused else None)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused_option(fused))
     if key == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     return LARS(groups, lr=lr, momentum=momentum)

@@ -360,12 +360,36 @@ class Trainer:
         measured = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in losses.items()}
         return {**measured, **scheduled, "grad_norm": grad_norm}
 
-    def is_log_step(self, index: int) -> bool:
-        """Whether the next iteration, the ``index``-th (0-based) of its epoch, is read on the host afterwards.
+    def run_iteration(
+        self, batch: Mapping[str, Any], index: int, pending: list[tuple[int, dict[str, Any]]]
+    ) -> list[tuple[int, dict[str, float]]]:
+        """One iteration of the epoch loop on ``batch``, the ``index``-th (0-based) of its epoch.
 
-        Every ``log_interval``-th iteration of the run and the last of each epoch are.
+        :meth:`train_step` with :attr:`log_step` set, its record queued in ``pending``; at a log step (every
+        ``log_interval``-th iteration of the run and the last of each epoch) the queued records are read and
+        written by :meth:`flush_records` and returned, else nothing is returned.
         """
-        return (self.global_step + 1) % self.log.log_interval == 0 or index == self.steps_per_epoch - 1
+        self.log_step = (self.global_step + 1) % self.log.log_interval == 0 or index == self.steps_per_epoch - 1
+        pending.append((self.global_step + 1, self.train_step(batch)))
+        return self.flush_records(pending) if self.log_step else []
+
+    def flush_records(self, pending: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, float]]]:
+        """Read the queued records on the host, write them to the run log, empty ``pending`` and return them.
+
+        Raises:
+            FloatingPointError: when a loss is not finite, naming the first such iteration; the records before
+                it are written (the run stops before anything is checkpointed; the iterations after it were
+                already run on the device).
+        """
+        records = self.read_records(pending)
+        bad = next((i for i, (_, record) in enumerate(records) if not math.isfinite(record["loss"])), None)
+        if bad is not None:
+            self.log.steps(records[:bad], self.epoch + 1)
+            measured = {k for k, v in pending[bad][1].items() if isinstance(v, torch.Tensor)}
+            raise self._non_finite_error(*records[bad], measured)
+        pending.clear()
+        self.log.steps(records, self.epoch + 1)
+        return records
 
     def read_records(self, pending: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, float]]]:
         """The records of the iterations in ``pending`` (``(global step after the update, record)``) as floats.
@@ -405,21 +429,13 @@ class Trainer:
         counts: dict[str, int] = defaultdict(int)
         pending: list[tuple[int, dict[str, Any]]] = []
 
-        def read_pending() -> None:
-            records = self.read_records(pending)
-            bad = next((i for i, (_, record) in enumerate(records) if not math.isfinite(record["loss"])), None)
-            if bad is not None:
-                # The run stops here, before the epoch's checkpoint: the records up to the failure are kept.
-                self.log.steps(records[:bad], self.epoch + 1)
-                measured = {k for k, v in pending[bad][1].items() if isinstance(v, torch.Tensor)}
-                raise self._non_finite_error(*records[bad], measured)
-            pending.clear()
+        def add(records: list[tuple[int, dict[str, float]]]) -> None:
             for _, record in records:
                 for key, value in record.items():
                     sums[key] += value
                     counts[key] += 1
-            self.log.steps(records, self.epoch + 1)
-            bar.set_postfix(loss=f"{records[-1][1]['loss']:.4f}", lr=f"{records[-1][1]['lr']:.2e}")
+            if records:
+                bar.set_postfix(loss=f"{records[-1][1]['loss']:.4f}", lr=f"{records[-1][1]['lr']:.2e}")
 
         wait, start = 0.0, time.perf_counter()
         bar = tqdm(
@@ -432,15 +448,12 @@ class Trainer:
         tic = time.perf_counter()
         for index, batch in enumerate(self.train_loader):
             wait += time.perf_counter() - tic
-            self.log_step = self.is_log_step(index)
-            pending.append((self.global_step + 1, self.train_step(batch)))
-            if self.log_step:
-                read_pending()
+            add(self.run_iteration(batch, index, pending))
             bar.update()
             tic = time.perf_counter()
         self.log_step = False
         if pending:
-            read_pending()
+            add(self.flush_records(pending))
         bar.close()
         # Means over the iterations that recorded each key (diagnostics may be computed at log steps only).
         keys = sorted(sums)
