@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dae.bundle import save_run_record
 from dae.engine import Trainer, param_groups
 from dae.utils.checkpoint import load_checkpoint, save_checkpoint
 from dae.utils.pictures import orthogonal_slices_grid
-from dae.utils.provenance import bundle_config_from_argv, save_run_record
 from dae.utils.schedules import CosineSchedule
 from dae.utils.seed import capture_rng_state, restore_rng_state, seed_everything
 
@@ -126,19 +126,6 @@ def test_orthogonal_slices_grid_layout():
     assert float(grid.min()) >= 0.0 and float(grid.max()) <= 1.0
     with pytest.raises(ValueError, match="X, Y, Z"):
         orthogonal_slices_grid([torch.rand(8, 8, 8)])
-
-
-def test_bundle_config_from_argv_merges_files_and_overrides(tmp_path):
-    base = tmp_path / "train.yaml"
-    base.write_text("epochs: 300\nchoice: all\nnetwork_def:\n  feature_size: 48\n")
-    overlay = tmp_path / "demo.yaml"
-    overlay.write_text("epochs: 12\n")
-    argv = ["run", "--config_file", f"['{base}','{overlay}']", "--choice", "denoise", "--network_def#feature_size=24"]
-    config = bundle_config_from_argv(argv)
-    assert config["epochs"] == 12
-    assert config["choice"] == "denoise"
-    assert config["network_def"]["feature_size"] == 24
-    assert bundle_config_from_argv(["run"]) is None
 
 
 def test_save_run_record_writes_config_and_versions(tmp_path):

@@ -1,1 +1,1 @@
-"""Small shared utilities: distributed helpers, checkpoints, seeding and run provenance."""
+"""Small shared utilities: distributed helpers, checkpoints, seeding, precision, schedules and pictures."""
