@@ -6,12 +6,15 @@ Exit codes: 0 success, 1 bad data (unpairable files, too few patients, invalid d
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from dae.data.datalist import DatalistError, load_datalist
+from dae.data.datalist import DatalistError, load_datalist, read_class_names
+from dae.data.deep_check import deep_check_lists
 from dae.data.labels import BTCV_CLASSES, FETA_CLASSES
 from dae.data.splits import assign_patients, kfold_splits, pair_images_and_labels, write_fold_files
 from dae.data.xray import XRAY_EXTENSIONS, make_xray_datalist
@@ -19,6 +22,7 @@ from dae.data.xray import XRAY_EXTENSIONS, make_xray_datalist
 __all__ = ["build_parser", "main"]
 
 _CLASSES = {"btcv": ("BTCV", BTCV_CLASSES), "feta": ("FeTA", FETA_CLASSES), "none": (None, None)}
+_SPLITS = ("training", "validation", "test")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,12 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "validate-datalist",
         help="check a datalist JSON: structure, modalities, every image a readable 3D volume (2D for X-rays), "
-        "labels present",
-        description="Load a datalist with dae.data.load_datalist and report OK with counts, or every problem.",
+        "labels present; with --deep every image and label decoded completely",
+        description="Load a datalist with dae.data.load_datalist and report OK with counts, or every problem. "
+        "With --deep, decode every image and label image completely (dae.data.deep_check): truncated files, "
+        "NaN/Inf voxels, constant images, extra channels, labels of another shape or grid, non-integer label values "
+        "or values outside the classes are all reported at once, and per-modality statistics are printed.",
     )
     check.add_argument("path", help="the datalist JSON file")
-    check.add_argument("--key", nargs="+", default=["training"], help="list(s) to check (default: training)")
+    check.add_argument(
+        "--key", nargs="+", help="list(s) to check (default: each of training, validation and test the file has)"
+    )
     check.add_argument("--data-root", help="folder relative paths are joined to (default: current directory)")
+    check.add_argument("--deep", action="store_true", help="decode every image and label image completely")
+    check.add_argument("--workers", type=int, help="decoding processes for --deep (default: min(8, CPU count))")
+    check.add_argument(
+        "--num-classes",
+        type=int,
+        help="for --deep: label values must lie in 0..K-1 (default: the size of the datalist's 'labels' map, if any)",
+    )
     return parser
 
 
@@ -147,14 +163,55 @@ def _make_xray_datalist(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for key in args.key:
-        entries = load_datalist(args.path, key=key, data_root=args.data_root)
+    content = _read_json(args.path)
+    keys = args.key or [k for k in _SPLITS if k in content] or ["training"]  # load_datalist names the keys present
+    lists, errors = {}, []
+    for key in keys:
+        try:
+            # --deep checks the files itself, and reports them together with every other problem
+            lists[key] = load_datalist(args.path, key=key, data_root=args.data_root, validate=not args.deep)
+        except DatalistError as e:
+            errors.append(str(e))
+    if errors:
+        raise DatalistError("\n".join(errors))
+    if args.deep:
+        summaries = deep_check_lists(
+            lists, num_classes=_num_classes(args, content, lists), workers=args.workers, source=f"'{args.path}'"
+        )
+        for summary in summaries.values():
+            print(summary)
+    for key, entries in lists.items():
         missing = [e["label"] for e in entries if isinstance(e.get("label"), str) and not os.path.exists(e["label"])]
         if missing:
             raise DatalistError(f"Datalist '{args.path}' (key '{key}'): missing label files: {', '.join(missing)}")
         counts = Counter(e["modality"] for e in entries)
         detail = ", ".join(f"{m}: {n}" for m, n in sorted(counts.items()))
         print(f"OK {args.path} [{key}]: {len(entries)} entries ({detail}).")
+
+
+def _read_json(path: str) -> dict:
+    """The datalist's content; {} when unreadable (load_datalist then reports why)."""
+    try:
+        content = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _num_classes(args: argparse.Namespace, content: Mapping, lists: Mapping[str, list[dict]]) -> int | None:
+    if args.num_classes is not None:
+        return args.num_classes
+    if "labels" not in content:
+        return None
+    num_classes = len(read_class_names(args.path))
+    tables = sorted({str(e["id_table"]) for entries in lists.values() for e in entries if "id_table" in e})
+    if tables:
+        print(
+            f"Note: entries name the id tables {', '.join(tables)}, which this command does not know; label values "
+            f"are not checked against the {num_classes} classes (--num-classes checks them as stored)."
+        )
+        return None
+    return num_classes
 
 
 def main(argv: Sequence[str] | None = None) -> int:

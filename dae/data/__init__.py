@@ -1,9 +1,11 @@
-"""Data layer: a SimpleITK reader for MONAI, datalists with validation, and modality-aware intensity scaling; 2D X-ray
-reading, datalists, DAX preprocessing, the uint8 DINO multi-crop path with its device-side augmentation, and
-training loaders whose random stream is seeded per sample and epoch."""
+"""Data layer: a SimpleITK reader for MONAI, datalists with validation and deep checks, modality-aware intensity
+scaling, a CacheDataset that names failing entries; 2D X-ray reading, datalists, DAX preprocessing, the uint8 DINO
+multi-crop path with its device-side augmentation, and training loaders whose random stream is seeded per sample and
+epoch."""
 
 from __future__ import annotations
 
+from dae.data.cache_dataset import CacheDataset
 from dae.data.cache_report import log_cache_estimate
 from dae.data.datalist import (
     GROUP_NAMES,
@@ -13,11 +15,13 @@ from dae.data.datalist import (
     estimate_cache_bytes,
     format_bytes,
     inference_entries,
+    label_problem,
     load_datalist,
     read_class_names,
     read_image_header,
     validate_datalist,
 )
+from dae.data.deep_check import CHECK_LEVELS, ModalitySummary, check_data, deep_check_lists
 from dae.data.device_augment import CropAugment, augment_batch, augment_crops
 from dae.data.labels import (
     BTCV_CLASSES,
@@ -29,7 +33,7 @@ from dae.data.labels import (
     remap_labels,
     totalsegmentator_to_btcv,
 )
-from dae.data.loaders import split_loaders
+from dae.data.loaders import load_splits, split_loaders
 from dae.data.multicrop import DINOMultiCrop, MultiCropd, multicrop_working_size
 from dae.data.readers import SimpleITKReader, find_dicom_series
 from dae.data.seeded_loading import EpochSampler, EpochShuffleSampler, SeededDataset, sample_seeds, seeded_loader
@@ -54,6 +58,7 @@ from dae.data.xray_uint8 import VARIANTS_SUFFIX, DAXv2Variants, RandXRayVariantd
 
 __all__ = [
     "BTCV_CLASSES",
+    "CHECK_LEVELS",
     "FETA_ATLAS_TO_FETA",
     "FETA_CLASSES",
     "GROUP_NAMES",
@@ -62,6 +67,7 @@ __all__ = [
     "TOTALSEGMENTATOR_BTCV_NAMES",
     "VARIANTS_SUFFIX",
     "XRAY_EXTENSIONS",
+    "CacheDataset",
     "CropAugment",
     "DAXPreprocessd",
     "DAXv2Variants",
@@ -71,6 +77,7 @@ __all__ = [
     "EpochShuffleSampler",
     "ImageHeader",
     "LoadXRayd",
+    "ModalitySummary",
     "MultiCropd",
     "RandDAXPreprocessd",
     "RandXRayVariantd",
@@ -83,14 +90,18 @@ __all__ = [
     "augment_batch",
     "augment_crops",
     "case_id_from_filename",
+    "check_data",
     "dax_preprocess",
+    "deep_check_lists",
     "estimate_cache_bytes",
     "find_dicom_series",
     "format_bytes",
     "inference_entries",
     "kfold_splits",
     "label_fraction_subset",
+    "label_problem",
     "load_datalist",
+    "load_splits",
     "log_cache_estimate",
     "make_xray_datalist",
     "multicrop_working_size",

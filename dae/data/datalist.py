@@ -20,6 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from dae.data.readers import find_dicom_series
+from dae.errors import DataError
+from dae.utils.sizes import format_bytes
 
 __all__ = [
     "GROUP_NAMES",
@@ -29,6 +31,7 @@ __all__ = [
     "estimate_cache_bytes",
     "format_bytes",
     "inference_entries",
+    "label_problem",
     "load_datalist",
     "read_class_names",
     "read_image_header",
@@ -59,10 +62,16 @@ MODALITY_GROUPS: dict[str, str] = {
 
 _PATH_KEYS = ("image", "label")
 _2D_GROUPS = ("XR",)
+_LABEL_REQUIREMENTS = (False, True, "class", "image")
+_MISSING_LABEL = {
+    True: "no 'label'",
+    "class": "no 'label' (an integer class index is required)",
+    "image": "no 'label' (a label image path is required)",
+}
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-class DatalistError(ValueError):
+class DatalistError(DataError):
     """A datalist cannot be used; the message lists every problem found."""
 
 
@@ -128,7 +137,37 @@ def _sitk_info(path: str | Path) -> sitk.ImageFileReader:
     return reader
 
 
-def _entry_problem(entry: object, groups: Mapping[str, str], check_files: bool) -> str | None:
+def label_problem(entry: Mapping, require_label: bool | str) -> str | None:
+    """Why an entry's ``label`` does not meet ``require_label``, or None.
+
+    Args:
+        entry: a datalist entry.
+        require_label: False (no check), True (an integer class index >= 0 or a label image path), ``"class"``
+            (an integer class index >= 0) or ``"image"`` (a label image path).
+
+    Raises:
+        ValueError: ``require_label`` is none of these.
+    """
+    if require_label not in _LABEL_REQUIREMENTS or not isinstance(require_label, (bool, str)):
+        raise ValueError(f"require_label must be one of {_LABEL_REQUIREMENTS}, got {require_label!r}")
+    if not require_label:
+        return None
+    label = entry.get("label")
+    if label is None:
+        return _MISSING_LABEL[require_label]
+    is_class = isinstance(label, int) and not isinstance(label, bool)
+    if require_label == "class" and not is_class:
+        return f"'label' must be an integer class index, got {label!r}"
+    if require_label == "image" and not isinstance(label, str):
+        return f"'label' must be a label image path, got {label!r}"
+    if not (is_class or isinstance(label, str)):
+        return f"'label' must be an integer class index or a label image path, got {label!r}"
+    return f"class 'label' must be >= 0, got {label}" if is_class and label < 0 else None
+
+
+def _entry_problem(
+    entry: object, groups: Mapping[str, str], check_files: bool, require_label: bool | str = False
+) -> str | None:
     """The first problem of one entry, or None."""
     if not isinstance(entry, Mapping):
         return f"entry must be a JSON object, got {type(entry).__name__}"
@@ -140,8 +179,9 @@ def _entry_problem(entry: object, groups: Mapping[str, str], check_files: bool) 
     tags = entry.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         return f"'tags' must be a list of strings, got {tags!r}"
-    if not check_files:
-        return None
+    label = label_problem(entry, require_label)
+    if label is not None or not check_files:
+        return label
     path = Path(entry["image"])
     if not path.exists():
         return "file or folder does not exist"
@@ -173,13 +213,15 @@ def validate_datalist(
     modality_groups: Mapping[str, str] | None = None,
     check_files: bool = True,
     indices: Sequence[int] | None = None,
+    require_label: bool | str = False,
 ) -> None:
     """Check every entry and raise one error listing all bad ones.
 
     Checks: the list is not empty; each entry is an object with an ``image`` key, a known ``modality``
     and ``tags`` (if any) given as a list of strings; and, with ``check_files``, that the image exists,
     its header can be read and it is a 3D volume (a 2D image for X-ray modalities), and that a string ``label``
-    (a label image) exists and has the image's shape. Only headers are read.
+    (a label image) exists and has the image's shape. Only headers are read. With ``require_label``, each entry
+    must have a ``label`` of the required kind (see :func:`label_problem`).
 
     Args:
         entries: datalist entries, with ``image`` paths already resolved.
@@ -187,6 +229,7 @@ def validate_datalist(
         modality_groups: modality tag to group map; defaults to :data:`MODALITY_GROUPS`.
         check_files: also check existence, readability and dimensionality of each image.
         indices: position of each entry in the source list, for the message (default ``0..n-1``).
+        require_label: False, True (a class index or a label image), ``"class"`` or ``"image"``.
 
     Raises:
         DatalistError: with a header naming ``source`` and one ``  [index] <path>: <reason>`` line per bad entry.
@@ -197,7 +240,7 @@ def validate_datalist(
     indices = range(len(entries)) if indices is None else indices
     lines = []
     for index, entry in zip(indices, entries):
-        reason = _entry_problem(entry, groups, check_files)
+        reason = _entry_problem(entry, groups, check_files, require_label)
         if reason is not None:
             path = entry.get("image", "<no image>") if isinstance(entry, Mapping) else "<no image>"
             lines.append(f"  [{index}] {path}: {reason}")
@@ -238,6 +281,7 @@ def load_datalist(
     modality_groups: Mapping[str, str] | None = None,
     validate: bool = True,
     default_modality: str | None = None,
+    require_label: bool | str = False,
 ) -> list[dict]:
     """Load, filter and validate one list of a datalist JSON file.
 
@@ -253,6 +297,9 @@ def load_datalist(
             modalities); entry structure and modalities are always checked.
         default_modality: modality of entries that have none, e.g. ``"CT"`` for MONAI-style fold files that
             state the modality once at the top; None requires a ``modality`` in every entry.
+        require_label: require a ``label`` in every kept entry: True (an integer class index or a label image
+            path), ``"class"`` (an integer class index, e.g. for classification probes) or ``"image"`` (a label
+            image path); False accepts entries without one. Checked even when ``validate`` is False.
 
     Returns:
         The kept entries (copies) with resolved paths, ``modality`` in upper case, ``modality_group``
@@ -260,7 +307,9 @@ def load_datalist(
 
     Raises:
         DatalistError: the file is missing or not JSON, ``key`` is missing, the list is empty (before or
-            after tag filtering), or some entries are invalid (all listed in one message).
+            after tag filtering), or some entries are invalid or lack the required label (all listed in one
+            message).
+        ValueError: ``require_label`` is not one of False, True, ``"class"``, ``"image"``.
     """
     path = Path(path)
     source = f"'{path}' (key '{key}')"
@@ -290,7 +339,8 @@ def load_datalist(
         for entry in entries:
             if isinstance(entry, dict):
                 entry.setdefault("modality", default_modality)
-    validate_datalist(entries, source, groups, check_files=validate, indices=[i for i, _ in kept])
+    indices = [i for i, _ in kept]
+    validate_datalist(entries, source, groups, check_files=validate, indices=indices, require_label=require_label)
     for entry in entries:
         entry["modality"] = entry["modality"].upper()
         entry["modality_group"] = groups[entry["modality"]]
@@ -364,16 +414,3 @@ def estimate_cache_bytes(
             shape = np.maximum(np.round(shape * np.asarray(header.spacing[:3]) / target), 1)
         total += math.prod(int(s) for s in shape) * bytes_per_voxel
     return total
-
-
-def format_bytes(n: int) -> str:
-    """Human-readable size with binary units, e.g. ``format_bytes(1288490189) == "1.2 GiB"``.
-
-    Args:
-        n: a number of bytes.
-    """
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-    value, i = float(n), 0
-    while abs(value) >= 1024 and i < len(units) - 1:
-        value, i = value / 1024, i + 1
-    return f"{n} B" if i == 0 else f"{value:.1f} {units[i]}"
