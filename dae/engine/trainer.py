@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from dae.data.seeded_loading import SeededDataset
 from dae.engine.run_log import RunLog
 from dae.engine.step import CLIP_MODES, backward_step
-from dae.utils.checkpoint import load_checkpoint, save_checkpoint
+from dae.utils.checkpoint import check_resume, load_checkpoint, resume_path, save_checkpoint
 from dae.utils.config import resolve_flag
 from dae.utils.dist import all_reduce_mean, barrier, get_rank, is_distributed, is_main_process
 from dae.utils.performance import channels_last, channels_last_module, compile_module
@@ -91,7 +91,9 @@ class Trainer:
             and the per-iteration TensorBoard scalars every this many iterations; a non-finite loss stops the
             run at the next such read, at the latest.
         seed: base seed of the data order, augmentation and disruptions (rank ``r`` uses ``seed + r``).
-        resume: continue from ``output_dir/checkpoints/latest.pt`` when it exists.
+        resume: continue from ``output_dir/checkpoints/latest.pt`` when it exists (a bool, or a command line's
+            ``"true"`` / ``"false"``); a checkpoint that cannot be read stops the run, naming it and a kept
+            ``epoch_NNNN.pt`` to resume from instead.
         resume_from: continue from this checkpoint instead (must exist).
         epochs_per_run: stop this process after this many epochs (for schedulers with time limits); the next
             launch with ``resume`` continues the same run.
@@ -182,8 +184,7 @@ class Trainer:
         self.best_value = math.inf if self.best_mode == "min" else -math.inf
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.log = RunLog(self.output_dir, log_interval)
-        self._resume_path = Path(resume_from) if resume_from else self.ckpt_dir / "latest.pt"
-        self._resume = bool(resume_from) or (resume and self._resume_path.is_file())
+        self._resume_path = resume_path(self.output_dir, resolve_flag(resume, "resume"), resume_from)
         self._rng_to_restore: dict[str, Any] | None = None
         self.ddp_model: nn.Module = self.model
         #: True during an iteration whose records are read on the host (every ``log_interval``-th and the last of
@@ -473,9 +474,10 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict[str, Any]]:
         """Train until ``max_epochs`` (or ``epochs_per_run`` more epochs); returns the per-epoch history."""
-        if self._resume:
+        if self._resume_path is not None:
+            check_resume(self._resume_path)
             self.load(self._resume_path)
-            self._resume = False
+            self._resume_path = None
         if self._rng_to_restore is not None:
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dae.utils.checkpoint import load_checkpoint
+
 __all__ = ["FeatureSet"]
 
 _FORMAT_VERSION = 1
@@ -157,7 +159,7 @@ class FeatureSet:
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> FeatureSet:
         """Load a file written by :meth:`save`."""
-        data = torch.load(Path(path), map_location=map_location, weights_only=True)
+        data = load_checkpoint(path, map_location=map_location)
         version = data.get("format_version")
         if version != _FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported feature-file format version {version!r}")

@@ -35,7 +35,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +43,7 @@ from torch import nn
 
 from dae.models.backbone2d import ARCHS, build_backbone
 from dae.models.multicrop import MultiCropWrapper
+from dae.utils.checkpoint import load_checkpoint
 from dae.utils.state_dict import LoadReport, head_keys, load_state_dict_with_report, strip_prefix
 
 __all__ = ["DinoLoadReport", "load_backbone", "load_dino_wrapper_state", "normalize_dino_keys", "read_dino_checkpoint"]
@@ -81,15 +81,8 @@ class DinoLoadReport(LoadReport):
 
 
 def _read_file(path: str | os.PathLike) -> Mapping[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     # DINO and DAX pickle their argparse.Namespace of arguments next to the weights.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
-    return checkpoint
+    return load_checkpoint(path, allowed_globals=[argparse.Namespace])
 
 
 def _select_state_dict(checkpoint: Mapping[str, Any], checkpoint_key: str, path: str | os.PathLike) -> Mapping:
@@ -146,6 +139,7 @@ def read_dino_checkpoint(path: str | os.PathLike, checkpoint_key: str = "teacher
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
+        CheckpointError: when the file cannot be read (truncated, not a checkpoint, unsafe objects), naming it.
         ValueError: when a full checkpoint has no ``checkpoint_key`` entry (the message lists its keys).
     """
     return normalize_dino_keys(_select_state_dict(_read_file(path), checkpoint_key, path))
@@ -247,6 +241,7 @@ def load_backbone(
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
+        CheckpointError: when the file cannot be read (truncated, not a checkpoint, unsafe objects), naming it.
         ValueError: when the arch is unknown or not given and not stored, when ``checkpoint_key`` is absent from a
             full checkpoint, when no key matched, or when shapes disagree after the conversions.
     """
@@ -308,6 +303,7 @@ def load_dino_wrapper_state(
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
+        CheckpointError: when the file cannot be read (truncated, not a checkpoint, unsafe objects), naming it.
         ValueError: when ``checkpoint_key`` is absent from a full checkpoint, when no key matched, or when shapes
             disagree after the conversions (e.g. another ``out_dim``).
     """

@@ -216,6 +216,7 @@ def load_pretrained_swinunetr(
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
+        CheckpointError: when the file cannot be read (truncated, not a checkpoint, unsafe objects), naming it.
         ValueError: for an unknown ``fmt`` or ``parts``, an undetectable format, when nothing of
             ``parts`` is in the checkpoint or no key matches the model, or on shape mismatches.
     """
@@ -281,6 +282,7 @@ def load_model_weights(network: nn.Module, checkpoint: str | Path) -> nn.Module:
     """Load a fine-tuned checkpoint (``{"model": state_dict}`` or a bare state dict) completely into ``network``.
 
     Raises:
+        CheckpointError: when the file is missing or cannot be read, naming it.
         ValueError: when keys are missing, unexpected or of another shape (a checkpoint of another network).
     """
     state = load_checkpoint(checkpoint)
