@@ -319,6 +319,14 @@ ROWS = [
         ValueError,
         ("other.pt",),
     ),
+    Row(
+        "truncated checkpoint to evaluate",
+        "feta_finetune",
+        ("train.yaml", "demo.yaml", "evaluate.yaml"),
+        lambda d, o: _seg(d, o, checkpoint=_truncated(o / "best.pt")),
+        CheckpointError,
+        ("best.pt", "truncated"),
+    ),
     Row("full disk", *PRETRAIN, _stale_and_pretrain, DiskSpaceError, ("free",), patch=_full_disk),
 ]
 

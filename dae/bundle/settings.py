@@ -184,6 +184,7 @@ SETTINGS: dict[str, Setting] = {
     "datalist": _FILE,
     "output_dir": _WRITABLE,
     "pretrained": _OPTIONAL_FILE,
+    "checkpoint": _FILE,
     "pretrained_weights": _OPTIONAL_FILE,
     "resume_from": _OPTIONAL_FILE,
 }
