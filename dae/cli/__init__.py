@@ -63,14 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     xray = commands.add_parser(
         "make-xray-datalist",
-        help="find 2D X-rays in a folder, attach CSV labels and write a patient-grouped train/validation/test datalist",
+        help="find 2D X-rays in a folder, attach CSV or folder-name labels and write a patient-grouped "
+        "train/validation/test datalist, or keep the dataset's split folders, or write a test-only list",
         description="Find the images under FOLDER (recursively, sorted), attach the columns of a labels CSV (the class "
-        "column becomes an integer 'label', names in the top-level 'labels' map), split them into training, "
-        "validation and test with no group (patient) in two lists, stratified by label, and write one datalist JSON.",
+        "column becomes an integer 'label', names in the top-level 'labels' map) or take each class from the "
+        "image's folder name, split them into training, validation and test with no group (patient) in two lists, "
+        "stratified by label (or keep the dataset's train/valid/test folders, or put every image in a test list), "
+        "and write one datalist JSON.",
     )
     xray.add_argument("folder", help="folder of the images")
     xray.add_argument("--output", required=True, help="the datalist JSON to write")
-    xray.add_argument("--labels", help="CSV with one row per image (paths relative to FOLDER); default: no labels")
+    classes = xray.add_mutually_exclusive_group()
+    classes.add_argument("--labels", help="CSV with one row per image (paths relative to FOLDER); default: no labels")
+    classes.add_argument(
+        "--classes-from-folders",
+        action="store_true",
+        help="each image's class is its parent folder's name (PNEUMONIA/img1.png); sorted names get labels 0..K-1",
+    )
     xray.add_argument("--path-column", default="path", help="CSV column of the image path (default: path)")
     xray.add_argument("--label-column", default="label", help="CSV column of the class; '' for none (default: label)")
     xray.add_argument(
@@ -78,8 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
         default="patient",
         help="CSV column of the patient id; '' to split by image (default: patient; ignored without --labels)",
     )
-    xray.add_argument("--val-fraction", type=float, default=0.15, help="fraction for validation (default: 0.15)")
-    xray.add_argument("--test-fraction", type=float, default=0.15, help="fraction for test (default: 0.15)")
+    layout = xray.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--keep-splits",
+        action="store_true",
+        help="keep the dataset's split folders (train/training, valid/val/validation/dev, test/testing, any case) "
+        "instead of splitting anew; without a validation folder, validation is drawn from training "
+        "(--val-fraction)",
+    )
+    layout.add_argument(
+        "--test-only",
+        action="store_true",
+        help="put every image in the 'test' list, e.g. an external test set for a model trained elsewhere",
+    )
+    xray.add_argument(
+        "--val-fraction",
+        type=float,
+        help="fraction for validation (default: 0.15); with --keep-splits, of the training images, used only "
+        "without a validation folder",
+    )
+    xray.add_argument(
+        "--test-fraction",
+        type=float,
+        help="fraction for test (default: 0.15; not used with --keep-splits, --test-only)",
+    )
     xray.add_argument("--seed", type=int, default=0, help="seed of the group shuffle (default: 0)")
     xray.add_argument(
         "--extensions",
@@ -137,6 +168,7 @@ def _make_folds(args: argparse.Namespace) -> None:
 
 
 def _make_xray_datalist(args: argparse.Namespace) -> None:
+    notes: list[str] = []
     content = make_xray_datalist(
         args.folder,
         args.output,
@@ -151,6 +183,10 @@ def _make_xray_datalist(args: argparse.Namespace) -> None:
         data_root=args.data_root,
         modality=args.modality,
         name=args.name,
+        classes_from_folders=args.classes_from_folders,
+        keep_splits=args.keep_splits,
+        test_only=args.test_only,
+        note=notes.append,
     )
     names = content.get("labels", {})
     sizes = []
@@ -160,6 +196,8 @@ def _make_xray_datalist(args: argparse.Namespace) -> None:
         detail = f" ({', '.join(f'{n} {c}' for n, c in sorted(counts.items()))})" if counts else ""
         sizes.append(f"{key} {len(entries)}{detail}")
     print(f"Wrote {args.output}: {'; '.join(sizes)}.")
+    for line in notes:
+        print(f"Note: {line}")
 
 
 def _validate(args: argparse.Namespace) -> None:

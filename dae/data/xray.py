@@ -2,8 +2,9 @@
 
 :func:`read_xray` returns the stored values of one radiograph as a 2-D float32 array (rows, columns) plus its
 metadata; :class:`LoadXRayd` wraps it for MONAI pipelines. :func:`make_xray_datalist` finds the images of a folder,
-attaches the class labels (and any other column) of a CSV file and splits them into training, validation and test
-lists with no patient in two lists, stratified by label.
+attaches the class labels (and any other column) of a CSV file, or classes named by folders, and splits them into
+training, validation and test lists with no patient in two lists, stratified by label; or it keeps the dataset's
+split folders (:mod:`dae.data.xray_layouts`), or writes a test-only list.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import random
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
+
+from dae.data.xray_layouts import classes_from_folders as folder_classes
+from dae.data.xray_layouts import splits_from_folders
 
 __all__ = ["XRAY_EXTENSIONS", "LoadXRayd", "make_xray_datalist", "read_xray"]
 
@@ -213,13 +217,17 @@ def make_xray_datalist(
     label_column: str | None = "label",
     group_column: str | None = "patient",
     path_column: str = "path",
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
     seed: int = 0,
     extensions: Sequence[str] = XRAY_EXTENSIONS,
     data_root: str | Path | None = None,
     modality: str = "XR",
     name: str | None = None,
+    classes_from_folders: bool = False,
+    keep_splits: bool = False,
+    test_only: bool = False,
+    note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write a datalist of the X-rays under ``folder``, split by group (patient) and stratified by label.
 
@@ -227,9 +235,17 @@ def make_xray_datalist(
     each image must have exactly one row, whose ``path_column`` gives the image's path relative to ``folder``;
     the ``label_column`` becomes the entry's integer ``label`` (the class index; the names are stored in the
     top-level ``labels`` map, e.g. ``{"0": "NORMAL", "1": "PNEUMONIA"}``; integer labels are kept as they are)
-    and every other column is copied as a string. Images of the same ``group_column`` value stay in one list.
-    Within each label stratum (a group's most common label), groups are shuffled with ``seed`` and, largest
-    first, each is given to the list with the most images still missing from its target fraction.
+    and every other column is copied as a string. With ``classes_from_folders`` instead, an image's class is the
+    name of its parent folder (``PNEUMONIA/img1.png``) and the sorted class names get the labels 0..K-1.
+
+    By default the images are split anew: images of the same ``group_column`` value stay in one list; within each
+    label stratum (a group's most common label), groups are shuffled with ``seed`` and, largest first, each is
+    given to the list with the most images still missing from its target fraction. With ``keep_splits`` the
+    dataset's own split is kept: each image goes to the list named by a folder of its path (``train``/``training``,
+    ``valid``/``val``/``validation``/``dev``, ``test``/``testing``, in any case); if there are training folders
+    but no validation folder, ``val_fraction`` of the training images are drawn as validation by the same grouped,
+    stratified split. With ``test_only`` every image goes to the ``test`` list, e.g. an external test set scored
+    with a model trained on another datalist (compare the two ``labels`` maps).
 
     The file is a MONAI ``dataset_0.json``-style JSON (``description``, ``labels``, ``modality``, ``name``,
     ``numTraining``, ``tensorImageSize`` ``"2D"``, ``training``, ``validation``, ``test``; empty lists are
@@ -239,32 +255,38 @@ def make_xray_datalist(
     Args:
         folder: the image folder.
         output: the JSON file to write (its folder is created).
-        labels: CSV file with one row per image; None: no labels, every image its own group.
+        labels: CSV file with one row per image; None: no CSV, every image its own group.
         label_column: CSV column of the class; None or ``""``: no labels (the CSV only groups and annotates).
         group_column: CSV column of the group (patient) id; None or ``""``: every image is its own group.
         path_column: CSV column of the image path relative to ``folder``.
-        val_fraction: fraction of the images for ``validation``.
-        test_fraction: fraction of the images for ``test``.
+        val_fraction: fraction of the images for ``validation`` (with ``keep_splits``: of the training images, if
+            drawn); None: 0.15. Ignored with ``test_only``, and with ``keep_splits`` unless validation is drawn.
+        test_fraction: fraction of the images for ``test``; None: 0.15. Ignored with ``keep_splits`` or
+            ``test_only``.
         seed: seed of the group shuffle.
         extensions: file extensions of the images (case-insensitive, with or without the dot).
         data_root: folder the written paths are relative to (they may start with ``..``); defaults to the
             output file's folder. Pass the same folder as ``data_root`` to :func:`dae.data.load_datalist`.
         modality: modality tag of every entry (``XR``, ``DX`` or ``CR`` for :func:`dae.data.load_datalist`).
         name: dataset name; defaults to the folder's name.
+        classes_from_folders: each image's class is the name of its parent folder (not with ``labels``).
+        keep_splits: keep the lists given by the split folders instead of splitting anew (not with ``test_only``).
+        test_only: write every image to the ``test`` list.
+        note: called with one sentence for each choice the caller should hear of: validation drawn from the
+            training folders, fractions given but not used.
 
     Returns:
         The written content.
 
     Raises:
-        ValueError: bad fractions; the folder is missing or holds no image; or the CSV lacks a column, has a
-            column named like a datalist key, rows naming no image, duplicate or empty values, or misses
-            images (all problems listed, with the files named).
+        ValueError: bad fractions or options; the folder is missing or holds no image; images outside split or
+            class folders; or the CSV lacks a column, has a column named like a datalist key, rows naming no
+            image, duplicate or empty values, or misses images (all problems listed, with the files named).
     """
     folder, output = Path(folder), Path(output)
-    if not (val_fraction >= 0 and test_fraction >= 0 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"val_fraction and test_fraction must be >= 0 with a sum below 1, got {val_fraction} and {test_fraction}."
-        )
+    _check_options(labels, classes_from_folders, keep_splits, test_only)
+    fractions = _fractions(val_fraction, test_fraction, keep_splits, test_only)
+    note = note or (lambda _: None)
     images = _find_images(folder, extensions)
     use_labels = labels is not None and bool(label_column)
     use_groups = labels is not None and bool(group_column)
@@ -279,32 +301,42 @@ def make_xray_datalist(
             f"Labels file '{labels}': columns {clashes} would overwrite datalist keys {list(_RESERVED_KEYS)}; "
             "choose the class column with label_column (--label-column) or rename them."
         )
-    class_names, class_index = _class_map([rows[k][label_column] for k in images]) if use_labels else ({}, {})
+    class_of, class_names = _classes(
+        images, folder, rows, label_column if use_labels else None, classes_from_folders, keep_splits
+    )
+    class_index = {n: int(i) for i, n in class_names.items()}
     root = Path(data_root) if data_root is not None else output.parent
-    entries, groups, strata = [], [], []
+    entries, groups = [], []
     for key, path in images.items():
         row = rows.get(key, {})
         entry: dict[str, Any] = {"image": Path(os.path.relpath(path.absolute(), root.absolute())).as_posix()}
         entry["modality"] = modality
-        if use_labels:
-            entry["label"] = class_index[row[label_column]]
+        if class_of:
+            entry["label"] = class_index[class_of[key]]
         entry |= {c: row.get(c) or "" for c in extra}
         entries.append(entry)
         groups.append(row[group_column] if use_groups else key)
-        strata.append(row[label_column] if use_labels else "")
-    train_fraction = 1.0 - val_fraction - test_fraction
-    assignment = _split_groups(groups, strata, (train_fraction, val_fraction, test_fraction), seed)
-    splits = {k: [e for e, g in zip(entries, groups) if assignment[g] == i] for i, k in enumerate(_SPLIT_KEYS)}
+    strata = [class_of.get(key, "") for key in images]
+    by = f"by {group_column!r}" if use_groups else "by image"
+    by += f", stratified by {label_column!r}" if use_labels else ", stratified by class folder" if class_of else ""
+    if test_only:
+        index, how, used = [2] * len(entries), "test only: every image in the test list", ()
+    elif keep_splits:
+        index, how, used = _kept_splits(images, folder, groups, strata, fractions[1], seed, by, note)
+    else:
+        assignment = _split_groups(groups, strata, fractions, seed)
+        index, used = [assignment[g] for g in groups], ("val_fraction", "test_fraction")
+        how = f"split {'/'.join(f'{f:g}' for f in fractions)} {by}, seed {seed}"
+    _note_unused(note, {"val_fraction": val_fraction, "test_fraction": test_fraction}, used, how)
+    splits = {k: [e for e, i in zip(entries, index) if i == n] for n, k in enumerate(_SPLIT_KEYS)}
     name = name or folder.absolute().name
     root_from_output = Path(os.path.relpath(root.absolute(), output.parent.absolute())).as_posix()
     description = (
-        f"{name}: {len(entries)} X-rays from {folder.as_posix()}, split {train_fraction:g}/{val_fraction:g}/"
-        f"{test_fraction:g} {f'by {group_column!r}' if use_groups else 'by image'}"
-        f"{f', stratified by {label_column!r}' if use_labels else ''}, seed {seed} (dae.cli make-xray-datalist); "
+        f"{name}: {len(entries)} X-rays from {folder.as_posix()}, {how} (dae.cli make-xray-datalist); "
         f"paths are relative to {root_from_output!r} as seen from this file's folder."
     )
     content: dict[str, Any] = {"description": description}
-    if use_labels:
+    if class_of:
         content["labels"] = class_names
     content |= {"modality": {"0": modality}, "name": name, "numTraining": len(splits["training"])}
     content["tensorImageSize"] = "2D"
@@ -312,6 +344,85 @@ def make_xray_datalist(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(content, indent=4) + "\n")
     return content
+
+
+def _check_options(labels: str | Path | None, classes_from_folders: bool, keep_splits: bool, test_only: bool) -> None:
+    if labels is not None and classes_from_folders:
+        raise ValueError(
+            f"Classes come either from the labels file '{labels}' or from the folder names (classes_from_folders, "
+            "--classes-from-folders), not both."
+        )
+    if keep_splits and test_only:
+        raise ValueError(
+            "keep_splits (--keep-splits) and test_only (--test-only) exclude each other: one keeps the split "
+            "folders' lists, the other puts every image in the test list."
+        )
+
+
+def _fractions(
+    val_fraction: float | None, test_fraction: float | None, keep_splits: bool, test_only: bool
+) -> tuple[float, float, float]:
+    """The (training, validation, test) fractions of a new split, None given as 0.15; checked where used."""
+    val = 0.15 if val_fraction is None else val_fraction
+    test = 0.15 if test_fraction is None else test_fraction
+    if keep_splits and not 0 <= val < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val}.")
+    if not (keep_splits or test_only or (val >= 0 and test >= 0 and val + test < 1)):
+        raise ValueError(f"val_fraction and test_fraction must be >= 0 with a sum below 1, got {val} and {test}.")
+    return 1.0 - val - test, val, test
+
+
+def _classes(
+    images: Mapping[str, Path],
+    folder: Path,
+    rows: Mapping[str, Mapping[str, str]],
+    label_column: str | None,
+    from_folders: bool,
+    split_folders: bool,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The class name of every image (from the CSV's ``label_column`` or the folders) and the ``labels`` map."""
+    if label_column:
+        class_of = {k: rows[k][label_column] for k in images}
+        return class_of, _class_map(list(class_of.values()))[0]
+    if from_folders:
+        class_of = folder_classes(images, folder, split_folders)
+        return class_of, {str(i): n for i, n in enumerate(sorted(set(class_of.values())))}
+    return {}, {}
+
+
+def _kept_splits(
+    images: Mapping[str, Path],
+    folder: Path,
+    groups: Sequence[str],
+    strata: Sequence[str],
+    val_fraction: float,
+    seed: int,
+    by: str,
+    note: Callable[[str], None],
+) -> tuple[list[int], str, tuple[str, ...]]:
+    """The list index of every image from its split folder, how, and the fractions used.
+
+    Without a validation folder, ``val_fraction`` of the training images (if any) are drawn as validation.
+    """
+    index = [_SPLIT_KEYS.index(s) for s in splits_from_folders(images, folder).values()]
+    if 0 not in index or 1 in index:
+        return index, "lists kept from its split folders", ()
+    training = [i for i, k in enumerate(index) if k == 0]
+    fractions = (1.0 - val_fraction, val_fraction, 0.0)
+    assignment = _split_groups([groups[i] for i in training], [strata[i] for i in training], fractions, seed)
+    for i in training:
+        index[i] = assignment[groups[i]]
+    drawn = f"{val_fraction:g} of the training images {by}, seed {seed}"
+    note(f"No validation folder under '{folder}': validation drawn from training ({drawn}).")
+    return index, f"lists kept from its split folders, validation drawn from training ({drawn})", ("val_fraction",)
+
+
+def _note_unused(note: Callable[[str], None], given: Mapping[str, float | None], used: Sequence[str], how: str) -> None:
+    """Tell ``note`` of the fractions given (not None) but not used by this datalist."""
+    unused = [n for n, v in given.items() if v is not None and n not in used]
+    if unused:
+        options = ", ".join("--" + n.replace("_", "-") for n in unused)
+        note(f"{' and '.join(unused)} ({options}) not used ({how}).")
 
 
 def _find_images(folder: Path, extensions: Sequence[str]) -> dict[str, Path]:
