@@ -50,7 +50,14 @@ from dae.evaluation.report import (
 )
 from dae.evaluation.retrieval import precision_at_k, retrieve, run_retrieval
 from dae.evaluation.runner import PROTOCOLS, BackboneContext, evaluate_backbones
-from dae.evaluation.seg_metrics import dice_iou, dice_iou_per_case, mean_per_class, overlap_counts
+from dae.evaluation.seg_metrics import (
+    dice_iou,
+    dice_iou_per_case,
+    image_diagonal,
+    mean_per_class,
+    overlap_counts,
+    penalised_hd95,
+)
 from dae.evaluation.seg_probe import SegProbeResult, first_samples, run_seg_probe, seg_probe_picture
 from dae.evaluation.volumes import (
     SegmentationEvaluator,
@@ -99,11 +106,13 @@ __all__ = [
     "fit_probe_and_test",
     "flatten_row",
     "format_table",
+    "image_diagonal",
     "knn_evaluate",
     "knn_predict",
     "mean_per_class",
     "metric_value",
     "overlap_counts",
+    "penalised_hd95",
     "precision_at_k",
     "resolve_metric",
     "retrieval_figure",

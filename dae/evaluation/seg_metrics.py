@@ -1,7 +1,7 @@
-"""Segmentation metrics: the project's one Dice (and IoU), per case and class, from label maps.
+"""Segmentation metrics: the project's one Dice (and IoU), per case and class, from label maps; HD95 with misses.
 
-The definition, used by the 3D whole-volume evaluation and by the 2D segmentation probe alike, is in
-:func:`dice_iou_per_case`.
+The Dice definition, used by the 3D whole-volume evaluation and by the 2D segmentation probe alike, is in
+:func:`dice_iou_per_case`; the penalised HD95 of the whole-volume evaluation's aggregate in :func:`penalised_hd95`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["dice_iou", "dice_iou_from_counts", "dice_iou_per_case", "mean_per_class", "overlap_counts"]
+__all__ = [
+    "dice_iou",
+    "dice_iou_from_counts",
+    "dice_iou_per_case",
+    "image_diagonal",
+    "mean_per_class",
+    "overlap_counts",
+    "penalised_hd95",
+]
 
 
 def overlap_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +89,56 @@ def mean_per_class(values: torch.Tensor | np.ndarray | Sequence[Sequence[float]]
         per_class.append(float(defined.mean()) if defined.numel() else math.nan)
     finite = [value for value in per_class if not math.isnan(value)]
     return per_class, float(np.mean(finite)) if finite else math.nan
+
+
+def image_diagonal(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """The diagonal of an image's box in mm, ``sqrt(sum((n_i * s_i) ** 2))``: the largest distance within it.
+
+    Args:
+        shape: the number of voxels along each spatial axis.
+        spacing: the voxel size along each axis in mm; ``None`` for unit spacing (as MONAI's HD95 assumes).
+
+    Returns:
+        The diagonal, e.g. 373.13 for a 240 x 240 x 155 image of 1 mm voxels.
+
+    Raises:
+        ValueError: when ``spacing`` has another length than ``shape``.
+    """
+    sizes = [1.0] * len(shape) if spacing is None else [float(s) for s in spacing]
+    if len(sizes) != len(shape):
+        raise ValueError(f"{len(sizes)} spacings for a {len(shape)}-dimensional shape")
+    return math.hypot(*(n * s for n, s in zip(shape, sizes)))
+
+
+def penalised_hd95(
+    hd95: Sequence[float], in_pred: Sequence[bool], in_label: Sequence[bool], diagonal: float
+) -> list[float]:
+    """HD95 of each class of one case with a missed or spurious class counted as the image diagonal.
+
+    The raw HD95 is undefined (NaN) whenever the class is absent from the label or the prediction, so a mean
+    over the defined values rewards a model for never predicting a hard class. Following common challenge
+    practice (e.g. BraTS), a class present in exactly one of the label and the prediction (missed, or a false
+    positive class) scores ``diagonal``, the largest possible distance (:func:`image_diagonal`); a class absent
+    from both stays NaN (nothing to find, left out of the means); a class present in both keeps its HD95.
+
+    Args:
+        hd95: the raw HD95 of each class, in mm.
+        in_pred: whether each class has a voxel in the prediction.
+        in_label: whether each class has a voxel in the label.
+        diagonal: the penalty, in mm.
+
+    Returns:
+        The penalised HD95 of each class.
+
+    Raises:
+        ValueError: when the three sequences differ in length.
+    """
+    if not len(hd95) == len(in_pred) == len(in_label):
+        raise ValueError(f"{len(hd95)} HD95 values, {len(in_pred)} and {len(in_label)} presence flags")
+    return [
+        float(value) if pred and label else diagonal if pred or label else math.nan
+        for value, pred, label in zip(hd95, in_pred, in_label)
+    ]
 
 
 def dice_iou_from_counts(

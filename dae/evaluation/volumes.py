@@ -7,7 +7,10 @@ the cases and :func:`write_tables` writes them. Two entry points put them togeth
 
 Dice is the project's one Dice (:func:`dae.evaluation.metrics.dice_iou_per_case`): per case and foreground
 class, NaN where the class is absent from both the label and the prediction (left out of the means), 0 where
-it is predicted but absent from the label.
+it is predicted but absent from the label. HD95 is reported per class as computed (NaN where the class is
+absent from the label or the prediction) and averaged two ways: ``mean_hd95`` over the finite values only,
+and ``mean_hd95_penalised`` with a missed or false-positive class counted as the image diagonal
+(:func:`dae.evaluation.seg_metrics.penalised_hd95`), so that models missing different classes compare.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from dae.evaluation.report import format_table, write_results, write_summary
-from dae.evaluation.seg_metrics import dice_iou_per_case, mean_per_class, overlap_counts
+from dae.evaluation.seg_metrics import (
+    dice_iou_per_case,
+    image_diagonal,
+    mean_per_class,
+    overlap_counts,
+    penalised_hd95,
+)
 from dae.models.pretrained import load_model_weights
 from dae.utils.dist import get_world_size, is_distributed, is_main_process
 from dae.utils.pictures import label_overlay
@@ -45,8 +54,15 @@ def _case_name(batch: dict[str, Any], key: str) -> str:
     return str(name[0] if isinstance(name, (list, tuple)) else name)
 
 
-def _hd95(pred: torch.Tensor, label: torch.Tensor, num_classes: int, spacing: list[float] | None) -> list[float]:
-    """HD95 in mm of each foreground class of one case (``[1, X, Y, Z]`` maps); NaN where a side is empty."""
+def _hd95(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, spacing: list[float] | None
+) -> tuple[list[float], list[float]]:
+    """HD95 in mm of each foreground class of one case (``[1, X, Y, Z]`` maps), raw and penalised.
+
+    Returns:
+        ``(raw, penalised)``: NaN where a side is empty, and :func:`~dae.evaluation.seg_metrics.penalised_hd95`
+        with the diagonal of this grid.
+    """
     pred_onehot = F.one_hot(pred, num_classes).movedim(-1, 1)
     label_onehot = F.one_hot(label, num_classes).movedim(-1, 1)
     with warnings.catch_warnings():  # absent classes warn; they are NaN here by design
@@ -54,7 +70,9 @@ def _hd95(pred: torch.Tensor, label: torch.Tensor, num_classes: int, spacing: li
         dist = compute_hausdorff_distance(
             pred_onehot, label_onehot, include_background=False, percentile=95, spacing=spacing
         )[0]
-    return [float(d) if math.isfinite(float(d)) else math.nan for d in dist.cpu()]
+    raw = [float(d) if math.isfinite(float(d)) else math.nan for d in dist.cpu()]
+    in_pred, in_label = (onehot[0, 1:].flatten(1).any(dim=1).tolist() for onehot in (pred_onehot, label_onehot))
+    return raw, penalised_hd95(raw, in_pred, in_label, image_diagonal(pred.shape[1:], spacing))
 
 
 @torch.no_grad()
@@ -74,7 +92,9 @@ def evaluate_segmentation(
 
     Dice (the one Dice of :func:`~dae.evaluation.metrics.dice_iou_per_case`) and the 95th-percentile
     Hausdorff distance (in mm, from the image's spacing; MONAI's) are computed per foreground class on the
-    grid the loader delivers. HD95 is NaN when the class is absent from the label or the prediction. Under DDP
+    grid the loader delivers. HD95 is NaN when the class is absent from the label or the prediction; its
+    penalised form (for ``mean_hd95_penalised``) counts a class present on one side only as the diagonal of
+    that grid (from its shape and the image's spacing), and a class absent from both as NaN. Under DDP
     each rank evaluates its shard and the cases of all ranks are returned on every rank (duplicates added by a
     padding sampler removed).
 
@@ -91,8 +111,8 @@ def evaluate_segmentation(
         picture_case: index (on this rank) of the case drawn as an overlay picture; -1 for none.
 
     Returns:
-        Per-case records ``{"case", "dice": [num_classes - 1], "hd95": [...]}`` and the overlay picture of
-        ``picture_case`` (3, H, W), or None.
+        Per-case records ``{"case", "dice": [num_classes - 1], "hd95": [...], "hd95_penalised": [...]}`` (HD95
+        keys only with ``hd95``) and the overlay picture of ``picture_case`` (3, H, W), or None.
     """
     device, dtype = torch.device(device), amp_dtype(amp)
     model.eval()
@@ -110,7 +130,7 @@ def evaluate_segmentation(
         dice, _ = dice_iou_per_case(*overlap_counts(pred, labels, num_classes))
         record: dict[str, Any] = {"case": _case_name(batch, image_key), "dice": dice[0, 1:].tolist()}
         if hd95:
-            record["hd95"] = _hd95(pred, labels, num_classes, spacing)
+            record["hd95"], record["hd95_penalised"] = _hd95(pred, labels, num_classes, spacing)
         cases.append(record)
         if i == picture_case:
             picture = label_overlay(images[0], labels[0], pred[0], num_classes=num_classes)
@@ -125,12 +145,18 @@ def evaluate_segmentation(
 def summarise_cases(cases: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
     """Mean per class over the cases where defined (NaNs skipped) and the mean over classes.
 
+    ``mean_hd95`` averages only the finite HD95 values, so a class never predicted does not count against a
+    model; ``mean_hd95_penalised`` averages the same way the penalised values (a class missed in a case, or
+    predicted where the label has none, counts as the image diagonal; absent from both: skipped), which
+    compares models that miss different classes.
+
     Args:
         cases: records from :func:`evaluate_segmentation`.
         class_names: names of the foreground classes (background excluded), in label order.
 
     Returns:
-        ``{"dice/<class>", "mean_dice", "hd95/<class>", "mean_hd95"}`` (HD95 keys only when computed).
+        ``{"dice/<class>", "mean_dice", "hd95/<class>", "mean_hd95", "mean_hd95_penalised"}`` (HD95 keys only
+        when computed).
     """
     summary: dict[str, float] = {}
     for metric in ("dice", "hd95"):
@@ -142,6 +168,8 @@ def summarise_cases(cases: Sequence[dict[str, Any]], class_names: Sequence[str])
         per_class, mean = mean_per_class(values)
         summary.update({f"{metric}/{name}": value for name, value in zip(class_names, per_class)})
         summary[f"mean_{metric}"] = mean
+    if cases and "hd95_penalised" in cases[0]:
+        summary["mean_hd95_penalised"] = mean_per_class([c["hd95_penalised"] for c in cases])[1]
     return summary
 
 
@@ -152,7 +180,7 @@ def write_tables(
 
     ``per_case.{csv,json,md}`` hold one row per case and class (``case, class, dice[, hd95]``);
     ``summary.json`` the number of cases and the summary; ``summary.md`` a table of Dice (and HD95) per class
-    and their mean.
+    and their mean, with the penalised HD95 mean and its definition when the summary has it.
     """
     out = Path(out_dir)
     with_hd95 = bool(cases) and "hd95" in cases[0]
@@ -169,8 +197,18 @@ def write_tables(
         table.append({"class": name, "Dice": summary.get(dice, math.nan)})
         if with_hd95:
             table[-1]["HD95 (mm)"] = f"{summary.get(hd, math.nan):.2f}"
-    title = f"Whole-volume evaluation of {len(cases)} cases"
-    write_summary({"num_cases": len(cases), **summary}, f"{title}\n\n{format_table(table, digits=4)}", out)
+    penalised = with_hd95 and "mean_hd95_penalised" in summary
+    if penalised:
+        table.append({"class": "**mean, penalised**", "Dice": None})
+        table[-1]["HD95 (mm)"] = f"{summary['mean_hd95_penalised']:.2f}"
+    markdown = f"Whole-volume evaluation of {len(cases)} cases\n\n{format_table(table, digits=4)}\n"
+    if penalised:
+        markdown += (
+            "\nHD95 **mean** (`mean_hd95`): over the finite values only; **mean, penalised** (`mean_hd95_penalised`):"
+            " a class missed in a case, or predicted where the label has none, counts as the image diagonal in mm,"
+            " and a class absent from both is skipped.\n"
+        )
+    write_summary({"num_cases": len(cases), **summary}, markdown, out)
     return out
 
 
@@ -178,8 +216,9 @@ class SegmentationEvaluator:
     """Whole-volume validation of a segmentation network, for :class:`~dae.engine.segmentation.SegmentationTrainer`.
 
     ``evaluator(model)`` runs :func:`evaluate_segmentation` on ``loader``, writes the tables to ``output_dir``
-    on the main process (:func:`write_tables`) and returns the metrics (``mean_dice`` [``mean_hd95``] and
-    ``dice/<class>`` [``hd95/<class>``]) and the pictures (``{"<tag_prefix>/label_vs_prediction": overlay}``).
+    on the main process (:func:`write_tables`) and returns the metrics (``mean_dice`` [``mean_hd95``,
+    ``mean_hd95_penalised``] and ``dice/<class>`` [``hd95/<class>``]) and the pictures
+    (``{"<tag_prefix>/label_vs_prediction": overlay}``).
 
     Args:
         loader: whole validation volumes with labels, one per batch (the trainer's ``val_loader``).
