@@ -23,7 +23,7 @@ from dae.data import (
     check_data,
     deep_check_lists,
     load_datalist,
-    split_loaders,
+    load_splits,
 )
 from dae.errors import ConfigError, DataError
 
@@ -241,6 +241,6 @@ def test_missing_xray_labels_named(tmp_path: Path) -> None:
         f"  [2] {entries[2]['image']}: 'label' must be an integer class index, got 'mask.png'",
     ]
     with pytest.raises(DatalistError, match=r"\(key 'validation'\).*\n  \[1\] .*1\.png: no 'label'"):
-        split_loaders(path, None, Compose([SelectItemsd(["image", "label"])]), splits=("training", "validation"))
+        load_splits(path, None, splits=("training", "validation"))
     with pytest.raises(ValueError, match="require_label must be one of"):
         load_datalist(path, key="training", require_label="yes")

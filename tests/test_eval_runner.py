@@ -176,8 +176,11 @@ def test_evaluate_backbones_runs_protocols_in_registry_order(tmp_path: Path):
     assert all(r["backbone"] == "vit" for r in rows)
     saved = FeatureSet.load(tmp_path / "features" / "vit" / "training.pt")
     assert len(saved) == 24 and saved.n_max == 2 and saved.class_names == ["a", "b", "c"]
-    assert {p.name for p in (tmp_path / "pictures").iterdir()} == {"vit_retrieval.png", "vit_patch_pca.png"}
-    assert (tmp_path / "results.csv").exists() and (tmp_path / "results.md").exists()
+    scored = tmp_path / "evaluation" / "test"  # no test set given: the loaders' test split, named test
+    assert len(FeatureSet.load(scored / "features" / "vit" / "test.pt")) == 12
+    assert {p.name for p in (scored / "pictures").iterdir()} == {"vit_retrieval.png", "vit_patch_pca.png"}
+    assert (scored / "results.csv").exists() and (scored / "results.md").read_text().startswith("Test set `test`.")
+    assert all(r["test_set"] == "test" for r in rows)
 
 
 def test_evaluate_backbones_seg_probe_needs_no_features(tmp_path: Path):
@@ -204,4 +207,4 @@ def test_evaluate_backbones_seg_probe_needs_no_features(tmp_path: Path):
     )
     assert [(r["protocol"], r["metric"]) for r in rows] == [("seg_probe", "dice"), ("seg_probe", "iou")]
     assert not (tmp_path / "features").exists()
-    assert {p.name for p in (tmp_path / "pictures").iterdir()} == {"vit_seg_probe.png"}
+    assert {p.name for p in (tmp_path / "evaluation" / "test" / "pictures").iterdir()} == {"vit_seg_probe.png"}

@@ -96,6 +96,7 @@ def test_seg_probe_bundle(seg_data: Path, dino_checkpoint: Path, tmp_path: Path)
         *QUICK,
         launcher=[sys.executable],  # one thread (OMP_NUM_THREADS=1): faster for these tiny models on shared cores
     )
+    out = out / "evaluation" / "datalist_test"  # the scored list: "test" of datalist.json
     assert all((out / f"results.{ext}").is_file() for ext in ("csv", "json", "md"))
     rows = json.loads((out / "results.json").read_text())
     assert {(r["backbone"], r["metric"]) for r in rows} == {(b, m) for b in backbones for m in ("dice", "iou")}

@@ -25,10 +25,11 @@ from dae.data import (
     LoadXRayd,
     RandDAXPreprocessd,
     dax_preprocess,
+    list_loaders,
     load_datalist,
+    load_splits,
     make_xray_datalist,
     read_xray,
-    split_loaders,
     xray_preprocessing,
 )
 
@@ -241,9 +242,11 @@ def test_preprocessing_factory() -> None:
     assert isinstance(xray_preprocessing("minmax", deterministic=True, subtract_lowpass=False), ScaleIntensityd)
 
 
-def test_split_loaders_check_every_split_before_caching(tmp_path: Path) -> None:
+def test_splits_are_checked_before_caching_and_loaded_in_order(tmp_path: Path) -> None:
     transform = Compose([LoadXRayd("image"), xray_preprocessing("minmax")])
-    loaders = split_loaders(XRAY_LIST, REPO / "data", transform, splits=("validation",), batch_size=4, cache_rate=0.0)
+    loaders = list_loaders(
+        load_splits(XRAY_LIST, REPO / "data", ("validation",)), transform, batch_size=4, cache_rate=0.0
+    )
     batch = next(iter(loaders["validation"]))
     assert batch["image"].shape[0] == 4 and "label" in batch
     broken = json.loads(XRAY_LIST.read_text())
@@ -251,7 +254,7 @@ def test_split_loaders_check_every_split_before_caching(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
     with pytest.raises(DatalistError, match=r"missing\.png"):
-        split_loaders(path, REPO / "data", transform, cache_rate=1.0)
+        load_splits(path, REPO / "data")
 
 
 # ----------------------------------------------------------------------------------------------- datalists

@@ -53,7 +53,9 @@ def test_all_protocols_write_one_table(tmp_path, small_run):
     log = run_eval(out, small_run, ("evaluate.yaml", "demo.yaml"), *overrides)
     assert "| backbone | protocol |" in log
 
-    rows = json.loads((out / "results.json").read_text())
+    scored = out / "evaluation" / "xray_small_test"  # the datalist's own test list
+    rows = json.loads((scored / "results.json").read_text())
+    assert {r["test_set"] for r in rows} == {"xray_small_test"}
     for backbone in ("random_vit_tiny16", "dino_demo_vit_tiny16"):
         mine = [r for r in rows if r["backbone"] == backbone]
         assert {r["protocol"] for r in mine} == {"knn", "linear", "retrieval", "frozen_head"}
@@ -62,7 +64,10 @@ def test_all_protocols_write_one_table(tmp_path, small_run):
         for row in (r for r in mine if r["protocol"] in ("knn", "linear", "frozen_head")):
             assert row["low"] <= row["value"] <= row["high"]
         for name in ("linear_probe_roc", "retrieval", "patch_pca"):
-            assert (out / "pictures" / f"{backbone}_{name}.png").is_file()
-        test_features = torch.load(out / "features" / backbone / "test.pt", weights_only=True)
+            assert (scored / "pictures" / f"{backbone}_{name}.png").is_file()
+        test_features = torch.load(scored / "features" / backbone / "test.pt", weights_only=True)
         assert len(test_features["ids"]) == 6
-    assert (out / "results.csv").is_file() and (out / "results.md").is_file()
+        assert (out / "features" / backbone / "training.pt").is_file()
+    assert (scored / "results.csv").is_file() and (scored / "config.yaml").is_file()
+    assert (scored / "results.md").read_text().startswith("Test set `xray_small_test`: list `test` of ")
+    assert not (out / "results.json").exists() and not (out / "pictures").exists()

@@ -182,6 +182,8 @@ SETTINGS: dict[str, Setting] = {
     # paths
     "dataset_dir": _FOLDER,
     "datalist": _FILE,
+    "test_datalist": _FILE,
+    "test_dataset_dir": _FOLDER,
     "output_dir": _WRITABLE,
     "pretrained": _OPTIONAL_FILE,
     "checkpoint": _FILE,

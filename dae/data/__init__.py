@@ -33,7 +33,7 @@ from dae.data.labels import (
     remap_labels,
     totalsegmentator_to_btcv,
 )
-from dae.data.loaders import load_splits, split_loaders
+from dae.data.loaders import list_loaders, load_splits
 from dae.data.multicrop import DINOMultiCrop, MultiCropd, multicrop_working_size
 from dae.data.readers import SimpleITKReader, find_dicom_series
 from dae.data.seeded_loading import EpochSampler, EpochShuffleSampler, SeededDataset, sample_seeds, seeded_loader
@@ -44,7 +44,9 @@ from dae.data.splits import (
     label_fraction_subset,
     pair_images_and_labels,
     write_fold_files,
+    write_test_file,
 )
+from dae.data.test_sets import TestSet, load_test_set
 from dae.data.transforms import ScaleIntensityByModalityd
 from dae.data.xray import XRAY_EXTENSIONS, LoadXRayd, make_xray_datalist, read_xray
 from dae.data.xray_transforms import (
@@ -85,6 +87,7 @@ __all__ = [
     "ScaleIntensityByModalityd",
     "SeededDataset",
     "SimpleITKReader",
+    "TestSet",
     "XRayToUint8d",
     "assign_patients",
     "augment_batch",
@@ -100,8 +103,10 @@ __all__ = [
     "kfold_splits",
     "label_fraction_subset",
     "label_problem",
+    "list_loaders",
     "load_datalist",
     "load_splits",
+    "load_test_set",
     "log_cache_estimate",
     "make_xray_datalist",
     "multicrop_working_size",
@@ -114,9 +119,9 @@ __all__ = [
     "remap_labels",
     "sample_seeds",
     "seeded_loader",
-    "split_loaders",
     "totalsegmentator_to_btcv",
     "validate_datalist",
     "write_fold_files",
+    "write_test_file",
     "xray_preprocessing",
 ]

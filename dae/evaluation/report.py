@@ -144,13 +144,15 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def write_results(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str) -> dict[str, Path]:
+def write_results(
+    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str, preamble: str = ""
+) -> dict[str, Path]:
     """Write the same result rows as ``<name>.csv``, ``<name>.json`` and ``<name>.md`` in ``out_dir``.
 
     Rows are flattened (:func:`flatten_row`); the CSV has the union of their columns (the main ones first,
     the others in first-seen order), with empty cells where a row lacks a column. The JSON holds the list of
     flat rows, keys in the same order, with non-finite floats as ``null``. The Markdown table has every
-    column, the interval shown in the ``value`` cell.
+    column, the interval shown in the ``value`` cell, below ``preamble`` (Markdown, e.g. what was scored).
 
     Returns:
         ``{"csv": path, "json": path, "md": path}``.
@@ -174,7 +176,8 @@ def write_results(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, name: 
         + "\n"
     )
     md_columns = [c for c in columns if c not in ("low", "high")] if "value" in columns else columns
-    paths["md"].write_text(format_table(flat, columns=md_columns, digits=4) + "\n")
+    table = format_table(flat, columns=md_columns, digits=4)
+    paths["md"].write_text(f"{preamble.rstrip()}\n\n{table}\n" if preamble.strip() else f"{table}\n")
     return paths
 
 

@@ -15,16 +15,24 @@ protocol names to them, in the order they run (whatever order they are asked in)
   pictures of test predictions.
 
 Every hyper-parameter (k, the probe setting, the epoch, the learning rate) is chosen on the validation split and
-the test split is scored once. The classification protocols use features of the ``training``, ``validation`` and
-``test`` splits, extracted once per backbone when first needed and saved under ``features/<backbone>/``; for
-them a picture shows the first three principal components of the patch features of a few test images. Pictures
-go to ``pictures/`` (PNG) and TensorBoard (``tensorboard/``).
+the test split is scored once. The test split may be any labelled list (:func:`~dae.data.load_test_set`,
+:func:`evaluation_lists`); its results go to their own folder, :func:`results_dir`
+(``<output_dir>/evaluation/<test set name>/``), so that scoring another test set never overwrites them:
+
+- ``<output_dir>/features/<backbone>/{training,validation}.pt``: what the heads are trained and chosen on, shared
+  by the test sets;
+- ``<output_dir>/evaluation/<test set>/``: ``results.{csv,json,md}`` (``results.md`` starts with what was scored),
+  ``features/<backbone>/test.pt``, ``pictures/`` (PNG) and ``tensorboard/``.
+
+The classification protocols use features extracted once per backbone and split when first needed; for them a
+picture shows the first three principal components of the patch features of a few test images.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +41,10 @@ from typing import Any
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from dae.data.datalist import read_class_names
+from dae.data.loaders import load_splits
+from dae.data.test_sets import TestSet
+from dae.errors import DataError
 from dae.evaluation.features import AdaptedExtractor, build_extractor, extract_features, unpack_batch
 from dae.evaluation.featureset import FeatureSet
 from dae.evaluation.finetune import ProbeFeatures, run_finetune
@@ -45,11 +57,73 @@ from dae.utils.pictures import pca_picture, save_picture
 from dae.utils.precision import amp_dtype
 from dae.utils.tensors import plain_tensor
 
-__all__ = ["PROTOCOLS", "SPLITS", "BackboneContext", "evaluate_backbones"]
+__all__ = [
+    "PROTOCOLS",
+    "SPLITS",
+    "BackboneContext",
+    "evaluate_backbones",
+    "evaluation_lists",
+    "results_dir",
+]
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("training", "validation", "test")
+
+
+def results_dir(output_dir: str | Path, test_set: TestSet | None = None) -> Path:
+    """``<output_dir>/evaluation/<test set name>``, the folder of one test set's results (name ``test`` for None)."""
+    return Path(output_dir) / "evaluation" / (test_set.name if test_set is not None else "test")
+
+
+def evaluation_lists(
+    datalist: str | Path,
+    dataset_dir: str | Path | None,
+    test_set: TestSet,
+    default_modality: str | None = None,
+    require_label: bool | str = True,
+) -> dict[str, list[dict]]:
+    """The ``training`` and ``validation`` lists of ``datalist`` and the entries of ``test_set`` as ``test``.
+
+    The heads are trained and chosen on ``datalist``; the scored list may come from any file, but its class map
+    must be the same, or its labels would be read as other classes. Scored images that are also in the training
+    or validation list (e.g. the ``validation`` fallback of ``datalist`` itself) are counted in a warning: the
+    heads were trained or chosen on them, so their scores are optimistic.
+
+    Args:
+        datalist: the JSON datalist of the training and validation lists; its ``labels`` map names the classes.
+        dataset_dir: folder that its relative paths are joined to.
+        test_set: the scored list (:func:`~dae.data.load_test_set`).
+        default_modality: modality of entries without one.
+        require_label: the label every entry must have, as for :func:`~dae.data.load_datalist`.
+
+    Returns:
+        ``{"training": entries, "validation": entries, "test": entries}``, loaded and validated.
+
+    Raises:
+        DataError: the ``labels`` maps of ``datalist`` and the test set's datalist differ (naming both files).
+        DatalistError: a file, list or entry cannot be used.
+    """
+    classes, test_classes = read_class_names(datalist), read_class_names(test_set.datalist)
+    if classes != test_classes:
+        raise DataError(
+            f"the class map of the test datalist {test_set.datalist} {dict(enumerate(test_classes))} differs from "
+            f"that of the datalist {datalist} {dict(enumerate(classes))} that the heads are trained on",
+            advice="give the test datalist the same 'labels' map (class index -> name) as --datalist",
+        )
+    lists = load_splits(datalist, dataset_dir, SPLITS[:2], default_modality, require_label)
+    seen = {os.path.abspath(entry["image"]) for entries in lists.values() for entry in entries}
+    shared = sum(os.path.abspath(entry["image"]) in seen for entry in test_set.entries)
+    if shared:
+        logger.warning(
+            "%d of the %d images of test set %s are in the training or validation list of %s: the heads were "
+            "trained or chosen on them, so its scores are optimistic",
+            shared,
+            len(test_set.entries),
+            test_set.name,
+            datalist,
+        )
+    return {**lists, "test": test_set.entries}
 
 
 @dataclass
@@ -61,8 +135,9 @@ class BackboneContext:
         extractor: its feature extractor behind its input adapter, on ``device``, in eval mode.
         loaders: ``training``, ``validation`` and ``test`` loaders.
         class_names: the class names in label order.
-        output_dir: the run's output folder.
-        writer: the run's TensorBoard writer.
+        output_dir: the run's output folder (features of the training and validation splits).
+        results_dir: the test set's folder (its features, pictures and results; :func:`results_dir`).
+        writer: the test set's TensorBoard writer.
         device: where features are computed and heads trained.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` for the frozen extractor.
         seed: seed of the heads and the bootstrap.
@@ -78,6 +153,7 @@ class BackboneContext:
     loaders: Mapping[str, Iterable[Any]]
     class_names: list[str]
     output_dir: Path
+    results_dir: Path
     writer: SummaryWriter
     device: torch.device
     amp: str = "none"
@@ -90,7 +166,10 @@ class BackboneContext:
     cache: dict[str, FeatureSet] = field(default_factory=dict)
 
     def features(self, split: str) -> FeatureSet:
-        """The features of ``split``, extracted (and saved to ``features/<name>/<split>.pt``) on first use."""
+        """The features of ``split``, extracted and saved on first use.
+
+        They are saved to ``features/<name>/<split>.pt`` in ``results_dir`` for ``test``, else in ``output_dir``.
+        """
         if split not in self.cache:
             features = extract_features(
                 self.extractor,
@@ -101,7 +180,8 @@ class BackboneContext:
                 device=self.device,
                 amp=self.amp,
             )
-            path = features.save(self.output_dir / "features" / self.name / f"{split}.pt")
+            folder = self.results_dir if split == "test" else self.output_dir
+            path = features.save(folder / "features" / self.name / f"{split}.pt")
             logger.info("%s: %d %s features (dim %d) saved to %s", self.name, len(features), split, features.dim, path)
             self.cache[split] = features
         return self.cache[split]
@@ -116,8 +196,8 @@ class BackboneContext:
         return torch.cat(images)[:n]
 
     def picture_path(self, what: str) -> Path:
-        """``pictures/<name>_<what>.png``."""
-        return self.output_dir / "pictures" / f"{self.name}_{what}.png"
+        """``pictures/<name>_<what>.png`` in the test set's folder."""
+        return self.results_dir / "pictures" / f"{self.name}_{what}.png"
 
 
 def _knn(ctx: BackboneContext) -> list[dict[str, Any]]:
@@ -225,15 +305,21 @@ def evaluate_backbones(
     device: str | torch.device = "cpu",
     amp: str = "none",
     pictures: int = 4,
+    test_set: TestSet | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``protocols`` for every backbone and write ``results.{csv,json,md}`` and pictures to ``output_dir``.
+    """Run ``protocols`` for every backbone and write ``results.{csv,json,md}`` and pictures of the test set.
+
+    The training and validation features go to ``<output_dir>/features/``; everything that depends on the test
+    split (its features, the pictures, TensorBoard and the results) goes to :func:`results_dir`,
+    ``<output_dir>/evaluation/<test set name>/``. Every row holds the test set's name (``test_set``);
+    ``results.md`` starts with the scored list and the test set's ``note``, which is also logged.
 
     Args:
         backbones: name -> spec of :func:`~dae.evaluation.features.build_extractor` (backbone keys, extractor
             option, ``input_size`` / ``mean`` / ``std``).
         loaders: ``training``, ``validation`` and ``test`` loaders of ``[B, 1 or 3, H, W]`` images in [0, 1] with
             integer (or multi-hot) labels, or integer label maps ``[B, 1, H, W]`` for ``seg_probe``; not shuffled.
-        output_dir: where results, features and pictures go.
+        output_dir: the run's folder (above).
         class_names: the class names in label order (background first for ``seg_probe``).
         protocols: names from :data:`PROTOCOLS`; they run in that mapping's order.
         options: protocol name -> its options: ``knn``: ``ks``, ``temperature`` (:func:`~dae.evaluation.knn.run_knn`);
@@ -249,6 +335,8 @@ def evaluate_backbones(
         device: where features are computed and heads trained.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` for the frozen extractors.
         pictures: test images shown in the pictures (0: none).
+        test_set: what ``loaders["test"]`` holds (:func:`~dae.data.load_test_set`): its name, file, list and
+            note; None: the name ``test``, nothing else recorded.
 
     Returns:
         The result rows (``backbone``, ``protocol``, ``setting``, ``metric``, ``value``, ``low``, ``high``, ...).
@@ -265,11 +353,11 @@ def evaluate_backbones(
     if missing:
         raise ValueError(f"evaluation needs the {list(SPLITS)} splits; missing {missing}")
     amp_dtype(amp)  # an unknown value fails here rather than after the first backbone
-    out = Path(output_dir)
-    (out / "pictures").mkdir(parents=True, exist_ok=True)
+    out, scored = Path(output_dir), results_dir(output_dir, test_set)
+    (scored / "pictures").mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     rows: list[dict[str, Any]] = []
-    writer = SummaryWriter(str(out / "tensorboard"))
+    writer = SummaryWriter(str(scored / "tensorboard"))
     try:
         for name, spec in backbones.items():
             extractor = build_extractor(spec).to(device)
@@ -280,6 +368,7 @@ def evaluate_backbones(
                 loaders=loaders,
                 class_names=list(class_names),
                 output_dir=out,
+                results_dir=scored,
                 writer=writer,
                 device=device,
                 amp=amp,
@@ -292,13 +381,24 @@ def evaluate_backbones(
             for protocol, run in PROTOCOLS.items():
                 if protocol in protocols:
                     found = run(replace(context, options=options.get(protocol, {})))
-                    rows += [{"backbone": name, **row} for row in found]
+                    rows += [{"backbone": name, **row, "test_set": scored.name} for row in found]
             classified = any(protocol in CLASSIFICATION_PROTOCOLS for protocol in protocols)
             if classified and extractor.has_patch_tokens and pictures > 0:
                 _pca_picture(context)
     finally:
         writer.close()
-    paths = write_results(rows, out, "results")
+    paths = write_results(rows, scored, "results", preamble=_describe(test_set, scored.name))
     logger.info("results written to %s", ", ".join(str(p) for p in paths.values()))
     print(format_table(rows))
+    if test_set is not None and test_set.note:
+        logger.warning("test set %s: %s", test_set.name, test_set.note)
     return rows
+
+
+def _describe(test_set: TestSet | None, name: str) -> str:
+    """The Markdown lines above the results table: what was scored."""
+    if test_set is None:
+        return f"Test set `{name}`."
+    scored = f"list `{test_set.split}` of `{test_set.datalist}`, {len(test_set.entries)} images"
+    text = f"Test set `{test_set.name}`: {scored}."
+    return f"{text}\n\nNote: {test_set.note}." if test_set.note else text
