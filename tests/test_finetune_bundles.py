@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,6 +18,14 @@ from dae.utils.checkpoint import load_checkpoint, save_checkpoint
 from tests.bundle_cli import REPO, read_jsonl, run_bundle
 
 TRAIN = ("train.yaml", "demo.yaml")
+DEMO_LISTS = {"btcv_finetune": REPO / "jsons" / "btcv_demo.json", "feta_finetune": REPO / "jsons" / "feta_demo.json"}
+
+
+def demo_cases(bundle: str, split: str) -> int:
+    """The number of volumes in a list of the bundle's demo datalist."""
+    return len(json.loads(DEMO_LISTS[bundle].read_text())[split])
+
+
 QUICK = ["--epochs", "1", "--num_samples", "1", "--cache_num_workers", "1", "--image_interval", "1"]
 
 
@@ -38,14 +47,14 @@ def trained(request, tmp_path_factory) -> tuple[str, Path, str]:
 
 @pytest.mark.slow
 def test_train_validates_whole_volumes(trained):
-    _, out, log = trained
+    bundle, out, log = trained
     assert "loaded" in log and "skipped" in log  # the pretrained-weight report
     state = load_checkpoint(out / "checkpoints" / "best.pt")
     assert state["best_metric"] == "mean_dice" and 0.0 <= state["best_value"] <= 1.0
     epochs = read_jsonl(out / "metrics" / "epochs.jsonl")
     assert len(epochs) == 1 and "val_mean_dice" in epochs[0]
     summary = json.loads((out / "validation" / "summary.json").read_text())
-    assert summary["num_cases"] == 1 and 0.0 <= summary["mean_dice"] <= 1.0
+    assert summary["num_cases"] == demo_cases(bundle, "validation") and 0.0 <= summary["mean_dice"] <= 1.0
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -57,13 +66,15 @@ def test_train_validates_whole_volumes(trained):
 @pytest.mark.slow
 def test_evaluate_writes_per_class_tables(trained):
     bundle, out, _ = trained
-    run_bundle(bundle, (*TRAIN, "evaluate.yaml"), "--output_dir", str(out))
+    # Without demo.yaml: the demo's network, preprocessing and data come from the run's config.yaml.
+    run_bundle(bundle, ("train.yaml", "evaluate.yaml"), "--output_dir", str(out), "--amp", "none", "--num_workers", "0")
     validation = json.loads((out / "validation" / "summary.json").read_text())
-    evaluation = json.loads((out / "evaluation" / "summary.json").read_text())
-    assert evaluation["mean_dice"] == pytest.approx(validation["mean_dice"], abs=1e-6)  # same weights and volume
-    assert "mean_hd95" in evaluation
-    rows = (out / "evaluation" / "per_case.csv").read_text().splitlines()
-    assert len(rows) == 1 + (13 if bundle == "btcv_finetune" else 7)
+    test_set = out / "evaluation" / f"{bundle.split('_')[0]}_demo_validation"  # the demo datalists have no "test"
+    evaluation = json.loads((test_set / "summary.json").read_text())
+    assert evaluation["mean_dice"] == pytest.approx(validation["mean_dice"], abs=1e-6)  # same weights and volumes
+    assert "mean_hd95" in evaluation and evaluation["split"] == "validation" and "no 'test' list" in evaluation["note"]
+    rows = (test_set / "per_case.csv").read_text().splitlines()
+    assert len(rows) == 1 + evaluation["num_cases"] * (13 if bundle == "btcv_finetune" else 7)
 
 
 @pytest.mark.slow
@@ -90,9 +101,10 @@ def test_two_process_gloo_ddp_finetuning(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     configs = (*TRAIN, "multi_gpu_train.yaml")
     run_bundle("feta_finetune", configs, "--output_dir", str(out), *QUICK, "--batch_size", "1", launcher=torchrun)
-    # 3 training volumes over 2 ranks: 2 per rank (padded), 1 per batch: 2 iterations; 1 validation volume
-    # evaluated by both ranks (padding) and counted once.
-    assert [s["step"] for s in read_jsonl(out / "metrics" / "train_steps.jsonl")] == [1, 2]
+    # The training volumes split over 2 ranks (the last padded), 1 per batch: one iteration per volume of a rank;
+    # the validation volumes split the same way, a padding duplicate counted once.
+    per_rank = math.ceil(demo_cases("feta_finetune", "training") / 2)
+    assert [s["step"] for s in read_jsonl(out / "metrics" / "train_steps.jsonl")] == list(range(1, per_rank + 1))
     summary = json.loads((out / "validation" / "summary.json").read_text())
-    assert summary["num_cases"] == 1
+    assert summary["num_cases"] == demo_cases("feta_finetune", "validation")
     assert torch.isfinite(torch.tensor(summary["mean_dice"]))

@@ -226,7 +226,8 @@ class RemapLabelsd(MapTransform):
 
     With ``map_key`` set, ``mapping`` holds named mappings and each sample uses ``mapping[sample[map_key]]``,
     e.g. ``RemapLabelsd("label", {"totalsegmentator_v2": ts_to_btcv, "fetal_atlas": FETA_ATLAS_TO_FETA},
-    map_key="id_table")`` for datalist entries carrying ``"id_table"``. MetaTensor metadata is kept and the
+    map_key="id_table")`` for datalist entries carrying ``"id_table"``; a sample without ``map_key`` keeps its
+    labels as they are (they are already the task's ids), so lists may mix both. MetaTensor metadata is kept and the
     output dtype is an integer one.
 
     Args:
@@ -261,12 +262,14 @@ class RemapLabelsd(MapTransform):
         """Remap the labels of one sample.
 
         Raises:
-            KeyError: with ``map_key``, the sample lacks it or names an unknown mapping.
+            KeyError: with ``map_key``, the sample names an unknown mapping.
         """
         d = dict(data)
         mapping = self.mapping
         if self.map_key is not None:
             name = d.get(self.map_key)
+            if name is None:
+                return d
             if name not in self.mapping:
                 raise KeyError(
                     f"Sample label map {name!r} (key '{self.map_key}') is not one of {sorted(self.mapping)}."

@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ from dae.utils.dist import get_world_size, is_distributed, is_main_process
 from dae.utils.pictures import label_overlay
 from dae.utils.precision import amp_dtype
 from dae.utils.tensors import autocast, plain_tensor
+
+if TYPE_CHECKING:
+    from dae.data.test_sets import TestSet
 
 __all__ = ["SegmentationEvaluator", "evaluate_segmentation", "run_evaluation", "summarise_cases", "write_tables"]
 
@@ -174,13 +177,19 @@ def summarise_cases(cases: Sequence[dict[str, Any]], class_names: Sequence[str])
 
 
 def write_tables(
-    cases: Sequence[dict[str, Any]], summary: dict[str, float], class_names: Sequence[str], out_dir: str | Path
+    cases: Sequence[dict[str, Any]],
+    summary: dict[str, float],
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    about: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the per-case table and the summary to ``out_dir``; returns ``out_dir``.
 
     ``per_case.{csv,json,md}`` hold one row per case and class (``case, class, dice[, hd95]``);
     ``summary.json`` the number of cases and the summary; ``summary.md`` a table of Dice (and HD95) per class
-    and their mean, with the penalised HD95 mean and its definition when the summary has it.
+    and their mean, with the penalised HD95 mean and its definition when the summary has it. ``about`` (what
+    was scored, e.g. ``{"test_set": ..., "note": ...}``) goes first in ``summary.json`` and as a list above the
+    table of ``summary.md``.
     """
     out = Path(out_dir)
     with_hd95 = bool(cases) and "hd95" in cases[0]
@@ -201,14 +210,17 @@ def write_tables(
     if penalised:
         table.append({"class": "**mean, penalised**", "Dice": None})
         table[-1]["HD95 (mm)"] = f"{summary['mean_hd95_penalised']:.2f}"
-    markdown = f"Whole-volume evaluation of {len(cases)} cases\n\n{format_table(table, digits=4)}\n"
+    about = dict(about or {})
+    listed = "".join(f"- {key}: {value}\n" for key, value in about.items())
+    markdown = f"Whole-volume evaluation of {len(cases)} cases\n\n" + (f"{listed}\n" if listed else "")
+    markdown += f"{format_table(table, digits=4)}\n"
     if penalised:
         markdown += (
             "\nHD95 **mean** (`mean_hd95`): over the finite values only; **mean, penalised** (`mean_hd95_penalised`):"
             " a class missed in a case, or predicted where the label has none, counts as the image diagonal in mm,"
             " and a class absent from both is skipped.\n"
         )
-    write_summary({"num_cases": len(cases), **summary}, markdown, out)
+    write_summary({**about, "num_cases": len(cases), **summary}, markdown, out)
     return out
 
 
@@ -231,6 +243,7 @@ class SegmentationEvaluator:
         image_key: batch key of the images.
         label_key: batch key of the label maps.
         tag_prefix: TensorBoard tag prefix of the picture ("val" in training, "eval" in run_evaluation).
+        about: what is scored, written with the tables (:func:`write_tables`).
 
     Raises:
         ValueError: for fewer than two class names or an unknown ``amp``.
@@ -248,6 +261,7 @@ class SegmentationEvaluator:
         image_key: str = "image",
         label_key: str = "label",
         tag_prefix: str = "val",
+        about: Mapping[str, str] | None = None,
     ) -> None:
         if len(class_names) < 2:
             raise ValueError(f"class_names must list the background and at least one class, got {class_names}")
@@ -255,6 +269,7 @@ class SegmentationEvaluator:
         self.loader, self.inferer, self.class_names = loader, inferer, list(class_names)
         self.output_dir, self.device, self.amp, self.hd95 = Path(output_dir), torch.device(device), amp, hd95
         self.image_key, self.label_key, self.tag_prefix = image_key, label_key, tag_prefix
+        self.about = dict(about or {})
 
     def __call__(self, model: nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Evaluate ``model``; returns ``(metrics, pictures)``."""
@@ -271,7 +286,7 @@ class SegmentationEvaluator:
         )
         summary = summarise_cases(cases, self.class_names[1:])
         if is_main_process():
-            write_tables(cases, summary, self.class_names[1:], self.output_dir)
+            write_tables(cases, summary, self.class_names[1:], self.output_dir, self.about)
         metrics = {k: v for k, v in summary.items() if k.startswith("mean_")}
         metrics.update({k: v for k, v in summary.items() if "/" in k})
         return metrics, {} if picture is None else {f"{self.tag_prefix}/label_vs_prediction": picture}
@@ -287,11 +302,14 @@ def run_evaluation(
     device: str | torch.device = "cpu",
     amp: str = "none",
     hd95: bool = True,
+    test_set: TestSet | None = None,
 ) -> dict[str, float]:
     """Evaluate a checkpoint on whole volumes; write tables and TensorBoard; return the summary.
 
     Writes the tables of :func:`write_tables` to ``output_dir`` and, in ``output_dir/tensorboard``, the
-    per-class scores and the overlay of the first case.
+    per-class scores and the overlay of the first case. With ``test_set``, ``summary.json`` and ``summary.md``
+    name it (``test_set``, ``datalist``, ``split``) and carry its ``note`` when another list than the one asked
+    for was scored.
 
     Args:
         network: the segmentation network (architecture of the checkpoint).
@@ -303,9 +321,15 @@ def run_evaluation(
         device: where to run.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``.
         hd95: compute HD95 as well as Dice.
+        test_set: the scored list (:func:`dae.data.load_test_set`), the volumes ``loader`` yields.
     """
+    about = {}
+    if test_set is not None:
+        about = {"test_set": test_set.name, "datalist": test_set.datalist, "split": test_set.split}
+        if test_set.note:
+            about["note"] = test_set.note
     evaluator = SegmentationEvaluator(
-        loader, inferer, class_names, output_dir, device=device, amp=amp, hd95=hd95, tag_prefix="eval"
+        loader, inferer, class_names, output_dir, device=device, amp=amp, hd95=hd95, tag_prefix="eval", about=about
     )
     network = load_model_weights(network, checkpoint).to(evaluator.device)
     summary, pictures = evaluator(network)
