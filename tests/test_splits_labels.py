@@ -105,6 +105,7 @@ def test_remap_labelsd_single_and_per_sample_maps() -> None:
     assert isinstance(out["label"], MetaTensor)
     per_sample = RemapLabelsd("label", {"a": {1: 2}, "b": {4: 5}}, map_key="id_table")
     assert per_sample({"label": label, "id_table": "b"})["label"].tolist() == [[[0, 5, 0]]]
+    assert per_sample({"label": label})["label"] is label  # no id_table: already the task's ids
     with pytest.raises(KeyError, match="'c'"):
         per_sample({"label": label, "id_table": "c"})
 
@@ -290,6 +291,21 @@ def test_cli_make_folds_feta_like(tmp_path: Path) -> None:
     assert fold_of["images/sub-001_rec-mial_T2w.nii.gz"] == fold_of["images/sub-001_rec-irtk_T2w.nii.gz"]
 
 
+def test_cli_make_folds_test_only_writes_one_test_list(tmp_path: Path) -> None:
+    subjects = [f"sub-{i:03d}" for i in range(1, 4)]
+    _touch(tmp_path / "ext/images", [f"{s}_rec-mial_T2w.nii.gz" for s in subjects])
+    _touch(tmp_path / "ext/labels", [f"{s}_rec-mial_dseg.nii.gz" for s in subjects])
+    out = tmp_path / "lists"
+    args = ["make-folds", "--images", str(tmp_path / "ext/images"), "--labels", str(tmp_path / "ext/labels")]
+    result = _cli(*args, "--out", str(out), "--classes", "feta", "--modality", "T2", "--test-only")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["test.json"]
+    content = json.loads((out / "test.json").read_text())
+    assert "training" not in content and content["numTraining"] == 0 and content["labels"]["7"] == "brainstem"
+    assert [e["image"] for e in content["test"]] == [f"images/{s}_rec-mial_T2w.nii.gz" for s in subjects]
+    assert content["test"][0]["label"] == "labels/sub-001_rec-mial_dseg.nii.gz"
+
+
 def test_cli_make_folds_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _touch(tmp_path / "img", ["img0001.nii.gz", "img0002.nii.gz"])
     _touch(tmp_path / "lab", ["label0001.nii.gz"])
@@ -314,7 +330,7 @@ def test_cli_validate_datalist(
         == 0
     )
     out = capsys.readouterr().out
-    assert "OK" in out and "3 entries" in out and "1 entries" in out
+    assert "[training]: 2 entries" in out and "[validation]: 2 entries" in out
     no_label = tmp_path / "no_label.json"
     image = str(DATA / "ct/totalseg/example_ct_sm.nii.gz")
     no_label.write_text(json.dumps({"training": [{"image": image, "label": "gone.nii.gz", "modality": "CT"}]}))
@@ -361,14 +377,17 @@ def test_committed_feta_folds() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "n_train", "id_table"), [("btcv_demo", 2, "totalsegmentator_v2"), ("feta_demo", 3, "fetal_atlas")]
+    ("name", "n_train", "n_val", "id_table"),
+    [("btcv_demo", 2, 1, "totalsegmentator_v2"), ("feta_demo", 2, 2, "fetal_atlas")],
 )
-def test_demo_datalists_load(name: str, n_train: int, id_table: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_datalists_load(
+    name: str, n_train: int, n_val: int, id_table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(REPO)
     path = JSONS / f"{name}.json"
     train = load_datalist(path, "training", data_root="data")
     val = load_datalist(path, "validation", data_root="data")
-    assert len(train) == n_train and len(val) == 1
+    assert len(train) == n_train and len(val) == n_val
     for entry in train + val:
         assert entry["id_table"] == id_table
         assert read_image_header(entry["label"]).shape == read_image_header(entry["image"]).shape

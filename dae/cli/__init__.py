@@ -16,7 +16,13 @@ from pathlib import Path
 from dae.data.datalist import DatalistError, load_datalist, read_class_names
 from dae.data.deep_check import deep_check_lists
 from dae.data.labels import BTCV_CLASSES, FETA_CLASSES
-from dae.data.splits import assign_patients, kfold_splits, pair_images_and_labels, write_fold_files
+from dae.data.splits import (
+    assign_patients,
+    kfold_splits,
+    pair_images_and_labels,
+    write_fold_files,
+    write_test_file,
+)
 from dae.data.xray import XRAY_EXTENSIONS, make_xray_datalist
 
 __all__ = ["build_parser", "main"]
@@ -60,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     folds.add_argument("--image-pattern", default="*.nii.gz", help="glob of the image files (default: *.nii.gz)")
     folds.add_argument("--label-pattern", help="glob of the label files (default: --image-pattern)")
     folds.add_argument("--name", help="dataset name (default: from --classes, else the images folder's parent)")
+    folds.add_argument(
+        "--test-only",
+        action="store_true",
+        help="write one test.json with every pair in a 'test' list (an external test set), no folds",
+    )
 
     xray = commands.add_parser(
         "make-xray-datalist",
@@ -153,10 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _make_folds(args: argparse.Namespace) -> None:
     entries = pair_images_and_labels(args.images, args.labels, args.image_pattern, args.label_pattern)
     entries = assign_patients(entries, args.patient_regex)
-    folds = kfold_splits(entries, n_folds=args.folds, seed=args.seed)
     root = args.data_root or os.path.commonpath([os.path.abspath(args.images), os.path.abspath(args.labels)])
     dataset, class_names = _CLASSES[args.classes]
     name = args.name or dataset or os.path.basename(os.path.dirname(os.path.abspath(args.images)))
+    if args.test_only:
+        description = f"{name}: test set of {len(entries)} cases (dae.cli make-folds --test-only)"
+        path = write_test_file(entries, args.out, root, class_names, args.modality, name, description)
+        print(f"Wrote {path}: test {len(entries)} cases.")
+        return
+    folds = kfold_splits(entries, n_folds=args.folds, seed=args.seed)
     description = f"{name}: {args.folds}-fold cross-validation by patient, seed {args.seed} (dae.cli make-folds)"
     paths = write_fold_files(folds, args.out, root, class_names, args.modality, name, description)
     patients = len({e["patient"] for e in entries})

@@ -22,6 +22,7 @@ __all__ = [
     "label_fraction_subset",
     "pair_images_and_labels",
     "write_fold_files",
+    "write_test_file",
 ]
 
 _EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -217,19 +218,58 @@ def write_fold_files(
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, (train, val) in enumerate(folds):
-        content: dict[str, object] = {"description": description, "fold": k, "numFolds": len(folds)}
-        if class_names is not None:
-            content["labels"] = {str(i): c for i, c in enumerate(class_names)}
-        content |= {"modality": {"0": modality}, "name": name, "numTraining": len(train), "tensorImageSize": "3D"}
-        for key, entries in (("training", train), ("validation", val)):
-            content[key] = [
-                {"image": _relative(e["image"], root), "label": _relative(e["label"], root), "modality": modality}
-                for e in entries
-            ]
-        path = out / f"fold_{k}.json"
-        path.write_text(json.dumps(content, indent=4) + "\n")
-        paths.append(path)
+        lists = {"training": train, "validation": val}
+        header = {"description": description, "fold": k, "numFolds": len(folds)}
+        paths.append(_write_datalist(out / f"fold_{k}.json", header, lists, root, class_names, modality, name))
     return paths
+
+
+def write_test_file(
+    entries: Sequence[Mapping],
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    modality: str = "CT",
+    name: str = "dataset",
+    description: str = "",
+) -> Path:
+    """Write ``test.json``: every pair in one ``test`` list, an external test set for a model trained elsewhere.
+
+    The file has the keys of :func:`write_fold_files` (without ``fold``/``numFolds``, ``numTraining`` 0) and a
+    ``test`` list instead of ``training``/``validation``. Args as for :func:`write_fold_files`.
+
+    Returns:
+        The written file.
+    """
+    root = Path(data_root) if data_root is not None else None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = {"description": description}
+    return _write_datalist(out / "test.json", header, {"test": entries}, root, class_names, modality, name)
+
+
+def _write_datalist(
+    path: Path,
+    header: dict[str, object],
+    lists: Mapping[str, Sequence[Mapping]],
+    root: Path | None,
+    class_names: Sequence[str] | None,
+    modality: str,
+    name: str,
+) -> Path:
+    """One JSON datalist: ``header``, ``labels``, ``modality``, ``name``, ``numTraining``, then the ``lists``."""
+    content = dict(header)
+    if class_names is not None:
+        content["labels"] = {str(i): c for i, c in enumerate(class_names)}
+    training = len(lists.get("training", ()))
+    content |= {"modality": {"0": modality}, "name": name, "numTraining": training, "tensorImageSize": "3D"}
+    for key, entries in lists.items():
+        content[key] = [
+            {"image": _relative(e["image"], root), "label": _relative(e["label"], root), "modality": modality}
+            for e in entries
+        ]
+    path.write_text(json.dumps(content, indent=4) + "\n")
+    return path
 
 
 def label_fraction_subset(entries: Sequence[Mapping], fraction: float, seed: int = 0) -> list[Mapping]:
