@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow, ReferenceResolver
 from monai.bundle import scripts as bundle_scripts
 
-__all__ = ["Launch", "current_launch"]
+__all__ = ["Launch", "current_launch", "evaluated_items", "replace_value"]
 
 _WORKFLOW_ARGS = frozenset(inspect.signature(ConfigWorkflow.__init__).parameters) - {"self", "override"}
 
@@ -71,3 +71,24 @@ def current_launch() -> Launch | None:
         return None
     pairs = {key: value for key, value in overrides.items() if key not in _WORKFLOW_ARGS}
     return Launch(parser, config_files, pairs)
+
+
+def evaluated_items(parser: ConfigParser, key: str) -> list[str]:
+    """The ids of the top-level ``key`` and of the items inside it that the workflow has already evaluated."""
+    resolver = parser.ref_resolver
+    return [i for i in resolver.items if ReferenceResolver.split_id(i)[0] == key and i in resolver.resolved_content]
+
+
+def replace_value(parser: ConfigParser, key: str, value: Any) -> None:
+    """Replace a top-level value after the workflow has parsed its config, without resetting its resolver.
+
+    MONAI's ``parser[key] = value`` resets the resolver, which would drop what ``initialize`` has evaluated so far
+    (a process group, the seeded network). Here only the items of ``key`` (and inside it) are dropped, with their
+    evaluated values, and ``value`` is registered as MONAI's ``parse()`` does; the next lookup evaluates it.
+    """
+    resolver = parser.ref_resolver
+    for item_id in [i for i in resolver.items if ReferenceResolver.split_id(i)[0] == key]:
+        del resolver.items[item_id]
+        resolver.resolved_content.pop(item_id, None)
+    parser.config[key] = value  # type: ignore[index]
+    parser._do_parse(config=value, id=key)

@@ -34,7 +34,7 @@ import yaml
 from monai.bundle import ConfigParser, ReferenceResolver
 from monai.utils import ensure_tuple
 
-from dae.bundle.launch import Launch, current_launch
+from dae.bundle.launch import Launch, current_launch, evaluated_items, replace_value
 from dae.bundle.report import install_error_report
 from dae.errors import ConfigError
 from dae.utils.config import resolve_flag
@@ -118,16 +118,10 @@ def _check_references(
 
 
 def _replace(parser: ConfigParser, key: str, value: Any) -> None:
-    """Replace a top-level value and its nested items after the workflow parsed its config, keeping the resolver."""
-    resolver = parser.ref_resolver
-    old = [item_id for item_id in resolver.items if ReferenceResolver.split_id(item_id)[0] == key]
-    used = [item_id for item_id in old if item_id in resolver.resolved_content]
-    if used:
+    """Adopt ``value`` for ``key``; a key the workflow has already evaluated cannot be adopted any more."""
+    if evaluated_items(parser, key):
         raise RuntimeError(f"'{key}' was evaluated before adopt_run_settings: call it first in initialize")
-    for item_id in old:
-        del resolver.items[item_id]
-    parser.config[key] = value  # type: ignore[index]
-    parser._do_parse(config=value, id=key)  # registers the value's items as MONAI's parse() does
+    replace_value(parser, key, value)
 
 
 def adopt_run_settings(keys: Sequence[str], overridable: Sequence[str] = ()) -> dict[str, Any]:

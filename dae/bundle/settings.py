@@ -17,6 +17,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
+from dae.bundle.launch import replace_value
 from dae.errors import ConfigError
 from dae.utils.config import str2bool
 
@@ -236,16 +237,6 @@ def _swin_problems(values: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _store(parser: ConfigParser, key: str, value: Any) -> None:
-    """Replace a top-level value after the workflow has parsed its config, without resetting the resolver."""
-    parser.config[key] = value  # type: ignore[index]
-    item = parser.ref_resolver.get_item(key)
-    if item is not None:
-        item.update_config(value)
-    if key in parser.ref_resolver.resolved_content:
-        parser.ref_resolver.resolved_content[key] = value
-
-
 def check_settings(parser: ConfigParser, overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
     """Check every key of :data:`SETTINGS` and :data:`FLAGS` that the config has; store flags as booleans.
 
@@ -276,7 +267,7 @@ def check_settings(parser: ConfigParser, overrides: Mapping[str, Any] = ()) -> d
                 problems.append(f"  {key}{origin}: {error}")
                 continue
             if flag is not value:
-                _store(parser, key, flag)
+                replace_value(parser, key, flag)
             value = flag
         else:
             reason = SETTINGS[key].problem(value)

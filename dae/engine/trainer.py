@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from dae.data.seeded_loading import SeededDataset
 from dae.engine.run_log import RunLog
 from dae.engine.step import CLIP_MODES, backward_step
-from dae.utils.checkpoint import check_resume, load_checkpoint, resume_path, save_checkpoint
+from dae.utils.checkpoint import load_resume_checkpoint, resume_path, save_checkpoint
 from dae.utils.config import resolve_flag
 from dae.utils.dist import all_reduce_mean, barrier, get_rank, is_distributed, is_main_process
 from dae.utils.performance import channels_last, channels_last_module, compile_module
@@ -301,7 +301,7 @@ class Trainer:
         A ``scheduler`` entry (written by earlier versions) is ignored: the schedules follow ``global_step``,
         and each group's peak learning rate comes back with the optimizer's ``initial_lr``.
         """
-        state = load_checkpoint(path, map_location="cpu")
+        state = load_resume_checkpoint(path)
         required = (self.model_key, "optimizer", "epoch", "global_step", "rng")
         missing = [k for k in required if k not in state]
         if missing:
@@ -475,7 +475,6 @@ class Trainer:
     def run(self) -> list[dict[str, Any]]:
         """Train until ``max_epochs`` (or ``epochs_per_run`` more epochs); returns the per-epoch history."""
         if self._resume_path is not None:
-            check_resume(self._resume_path)
             self.load(self._resume_path)
             self._resume_path = None
         if self._rng_to_restore is not None:

@@ -29,9 +29,9 @@ from dae.utils.sizes import format_bytes
 
 __all__ = [
     "CHECKPOINT_SPACE_MARGIN",
-    "check_resume",
     "estimate_checkpoint_bytes",
     "load_checkpoint",
+    "load_resume_checkpoint",
     "prepare_checkpoint_dir",
     "remove_stale_temporaries",
     "resume_advice",
@@ -251,19 +251,21 @@ def resume_advice(path: Path) -> str:
     )
 
 
-def check_resume(path: Path | None) -> None:
-    """Check that the checkpoint to resume from loads (its tensors mapped, not read).
+def load_resume_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """:func:`load_checkpoint` for a run that continues from ``path``: a failure says what to resume from instead.
+
+    Args:
+        path: the checkpoint to resume from.
+        mmap: map the tensors instead of reading them (the check before a run).
 
     Raises:
         CheckpointError: naming the file, with :func:`resume_advice`.
     """
-    if path is None:
-        return
     try:
-        load_checkpoint(path, mmap=True)
+        return load_checkpoint(path, mmap=mmap)
     except CheckpointError as err:
         # The loader's own cause (none where torch's text must not be shown).
-        raise type(err)(f"cannot resume: {err}", advice=resume_advice(path)) from err.__cause__
+        raise type(err)(f"cannot resume: {err}", advice=resume_advice(Path(path))) from err.__cause__
 
 
 def prepare_checkpoint_dir(
@@ -278,10 +280,10 @@ def prepare_checkpoint_dir(
 
     Meant for a bundle's ``initialize`` list, before any dataset is cached, e.g.
     ``"$dae.utils.checkpoint.prepare_checkpoint_dir(@output_dir, @network)"``. Removes the temporary files of a
-    killed run (:func:`remove_stale_temporaries`, rank 0 only), checks that the checkpoint the trainer will resume
-    from loads (:func:`resume_path`, :func:`check_resume`) and compares the free space of the folder's disk (of
-    its nearest existing parent while it does not exist yet) with :data:`CHECKPOINT_SPACE_MARGIN` times
-    :func:`estimate_checkpoint_bytes` (rank 0 only: it writes the checkpoints).
+    killed run (:func:`remove_stale_temporaries`, rank 0 only), checks that the checkpoint the trainer will
+    resume from loads (:func:`resume_path`, :func:`load_resume_checkpoint`) and compares the free space of the
+    folder's disk (of its nearest existing parent while it does not exist yet) with
+    :data:`CHECKPOINT_SPACE_MARGIN` times :func:`estimate_checkpoint_bytes` (rank 0 only: it writes the checkpoints).
 
     Args:
         output_dir: the run folder.
@@ -295,7 +297,9 @@ def prepare_checkpoint_dir(
         DiskSpaceError: when the free space is below what the next checkpoint write needs, naming the folder,
             the free and the needed space.
     """
-    check_resume(resume_path(output_dir, resolve_flag(resume, "resume"), resume_from))
+    path = resume_path(output_dir, resolve_flag(resume, "resume"), resume_from)
+    if path is not None:
+        load_resume_checkpoint(path, mmap=True)
     if not is_main_process():
         return
     folder = Path(output_dir) / "checkpoints"
