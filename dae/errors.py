@@ -8,6 +8,7 @@ expect (``ValueError`` for bad values, ``OSError`` for files and disks), so ``ex
 from __future__ import annotations
 
 __all__ = [
+    "CacheSizeError",
     "CheckpointContentError",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -73,3 +74,9 @@ class DiskSpaceError(DaeError, OSError):
     """The output folder has too little free space for the run's checkpoints."""
 
     advice = "free space in the output folder or choose another --output_dir"
+
+
+class CacheSizeError(DaeError, MemoryError):
+    """The data cache a run would build does not fit the machine's memory."""
+
+    advice = "use cache: disk or cache: smart (see the bundle's docs/README.md), or lower cache_rate"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def test_two_step_run_leaves_checkpoint_images_and_config(tmp_path):
     out = tmp_path / "run"
     log = run_pretrain(out, "--epochs", "1", "--choice", "all")
     assert "reconstruction (train)" in log
-    assert "estimated cache size" in log
+    assert "Cache 'memory', estimated from the headers" in log
     steps = step_losses(out)
     assert [s["step"] for s in steps] == [1, 2]
     assert all(torch.isfinite(torch.tensor([s["loss"], s["contrastive"]])).all() for s in steps)
@@ -60,18 +61,16 @@ def test_two_step_run_leaves_checkpoint_images_and_config(tmp_path):
     )
 
 
-@pytest.mark.slow
-def test_resume_continues_the_same_curve(tmp_path):
-    # The straight run loads in-process; the split one with 2 persistent workers: the crops must not change.
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_pretrain(straight, "--epochs", "2", "--num_workers", "0", one_thread=True)
-    run_pretrain(split, "--epochs", "2", "--epochs_per_run", "1", "--num_workers", "2", one_thread=True)
-    assert len(step_losses(split)) == 2
-    log = run_pretrain(split, "--epochs", "2", "--num_workers", "2", one_thread=True)
+def run_in_two_launches(out: Path, *overrides: str) -> None:
+    """Two epochs in two launches (the second resumes); each launch one thread, for bit-identical sums."""
+    run_pretrain(out, "--epochs", "2", "--epochs_per_run", "1", *overrides, one_thread=True)
+    assert [s["step"] for s in step_losses(out)] == [1, 2]
+    log = run_pretrain(out, "--epochs", "2", *overrides, one_thread=True)
     assert "resumed from" in log
-    a, b = step_losses(straight), step_losses(split)
-    assert [s["step"] for s in a] == [s["step"] for s in b] == [1, 2, 3, 4]
-    assert a[2]["reconstruction"] != a[0]["reconstruction"]  # epoch 2 draws other crops than epoch 1
+
+
+def assert_same_curve(a: list[dict], b: list[dict]) -> None:
+    assert [s["step"] for s in a] == [s["step"] for s in b]
     for x, y in zip(a, b):
         for key in ("loss", "reconstruction", "contrastive"):
             assert x[key] == pytest.approx(y[key], abs=1e-6, rel=0), (x["step"], key)
@@ -82,15 +81,63 @@ def test_resume_continues_the_same_curve(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_run(tmp_path):
+def test_resume_continues_the_same_curve(tmp_path):
+    # The straight run loads in-process from RAM; the split ones with 2 persistent workers from RAM, or from a
+    # disk cache: the crops must not change.
+    straight, split, disk = tmp_path / "straight", tmp_path / "split", tmp_path / "disk"
+    run_pretrain(straight, "--epochs", "2", "--num_workers", "0", one_thread=True)
+    run_in_two_launches(split, "--num_workers", "2")
+    run_in_two_launches(disk, "--num_workers", "2", "--cache", "disk")
+    assert len(list((disk / "cache").glob("*.pt"))) == 9  # 7 training and 2 validation volumes, written once
+    a = step_losses(straight)
+    assert [s["step"] for s in a] == [1, 2, 3, 4]
+    assert a[2]["reconstruction"] != a[0]["reconstruction"]  # epoch 2 draws other crops than epoch 1
+    assert_same_curve(a, step_losses(split))
+    assert_same_curve(a, step_losses(disk))
+
+
+@pytest.mark.slow
+def test_smart_cache_resumes_exactly(tmp_path):
+    # A window of 4 of the 7 volumes, 2 replaced per epoch: one iteration of 3 crops per epoch.
+    smart = ["--cache", "smart", "--cache_num", "4", "--replace_rate", "0.5", "--num_workers", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    log = run_pretrain(straight, "--epochs", "3", *smart, one_thread=True)
+    assert "a window of 4 of 7 volumes (2 replaced per epoch)" in log
+    run_pretrain(split, "--epochs", "3", "--epochs_per_run", "2", *smart, one_thread=True)
+    assert "resumed from" in run_pretrain(split, "--epochs", "3", *smart, one_thread=True)
+    assert [s["step"] for s in step_losses(straight)] == [1, 2, 3]
+    assert_same_curve(step_losses(straight), step_losses(split))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_run_under_the_multi_node_rendezvous(tmp_path):
+    # The launch a multi-node job uses (c10d rendezvous at an endpoint; one node here), two ranks sharing a
+    # disk cache.
     out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--rdzv-id=dae-test",
+    ]
     log = run_pretrain(
         out,
         "--epochs",
         "1",
         "--batch_size",
         "2",
+        "--cache",
+        "disk",
         configs=("train.yaml", "demo.yaml", "multi_gpu_train.yaml"),
         launcher=torchrun,
     )
@@ -98,6 +145,8 @@ def test_two_process_gloo_ddp_run(tmp_path):
     assert [s["step"] for s in step_losses(out)] == [1, 2]
     assert load_checkpoint(out / "checkpoints" / "latest.pt")["global_step"] == 2
     assert "reconstruction (train)" in log
+    assert "(2 processes on this node)" in log
+    assert len(list((out / "cache").glob("*.pt"))) == 9  # one file per volume, whichever rank wrote it
 
 
 def test_bad_datalist_fails_before_training(tmp_path):

@@ -132,6 +132,10 @@ SETTINGS: dict[str, Setting] = {
     "num_workers": _integer(0),
     "cache_num_workers": _integer(0),
     "cache_rate": _number(0.0, 1.0),
+    "cache": _choice("memory", "disk", "smart"),
+    "cache_num": _integer(1),
+    "replace_rate": _number(0.0, 1.0, open_low=True),
+    "cache_budget_gb": _number(0.0, open_low=True, nullable=True),
     "label_fraction": _number(0.0, 1.0, open_low=True),
     "seed": _integer(0),
     # optimisation

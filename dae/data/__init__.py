@@ -1,12 +1,20 @@
 """Data layer: a SimpleITK reader for MONAI, datalists with validation and deep checks, modality-aware intensity
-scaling, a CacheDataset that names failing entries; 2D X-ray reading, datalists, DAX preprocessing, the uint8 DINO
-multi-crop path with its device-side augmentation, and training loaders whose random stream is seeded per sample and
-epoch."""
+scaling, caches in RAM, on disk or in a rolling window (sized before they are filled) that name failing entries;
+2D X-ray reading, datalists, DAX preprocessing, the uint8 DINO multi-crop path with its device-side augmentation,
+and training loaders whose random stream is seeded per sample and epoch."""
 
 from __future__ import annotations
 
 from dae.data.cache_dataset import CacheDataset
-from dae.data.cache_report import log_cache_estimate
+from dae.data.cache_modes import (
+    CACHE_MODES,
+    PersistentDataset,
+    RollingCacheDataset,
+    cache_dataset,
+    transform_fingerprint,
+    validation_cache_mode,
+)
+from dae.data.cache_report import CacheEstimate, available_memory_bytes, check_cache_size
 from dae.data.datalist import (
     GROUP_NAMES,
     MODALITY_GROUPS,
@@ -60,6 +68,7 @@ from dae.data.xray_uint8 import VARIANTS_SUFFIX, DAXv2Variants, RandXRayVariantd
 
 __all__ = [
     "BTCV_CLASSES",
+    "CACHE_MODES",
     "CHECK_LEVELS",
     "FETA_ATLAS_TO_FETA",
     "FETA_CLASSES",
@@ -70,6 +79,7 @@ __all__ = [
     "VARIANTS_SUFFIX",
     "XRAY_EXTENSIONS",
     "CacheDataset",
+    "CacheEstimate",
     "CropAugment",
     "DAXPreprocessd",
     "DAXv2Variants",
@@ -81,9 +91,11 @@ __all__ = [
     "LoadXRayd",
     "ModalitySummary",
     "MultiCropd",
+    "PersistentDataset",
     "RandDAXPreprocessd",
     "RandXRayVariantd",
     "RemapLabelsd",
+    "RollingCacheDataset",
     "ScaleIntensityByModalityd",
     "SeededDataset",
     "SimpleITKReader",
@@ -92,7 +104,10 @@ __all__ = [
     "assign_patients",
     "augment_batch",
     "augment_crops",
+    "available_memory_bytes",
+    "cache_dataset",
     "case_id_from_filename",
+    "check_cache_size",
     "check_data",
     "dax_preprocess",
     "deep_check_lists",
@@ -107,7 +122,6 @@ __all__ = [
     "load_datalist",
     "load_splits",
     "load_test_set",
-    "log_cache_estimate",
     "make_xray_datalist",
     "multicrop_working_size",
     "pair_images_and_labels",
@@ -120,7 +134,9 @@ __all__ = [
     "sample_seeds",
     "seeded_loader",
     "totalsegmentator_to_btcv",
+    "transform_fingerprint",
     "validate_datalist",
+    "validation_cache_mode",
     "write_fold_files",
     "write_test_file",
     "xray_preprocessing",

@@ -389,18 +389,20 @@ def estimate_cache_bytes(
     target_spacing: Sequence[float] | float | None = None,
     bytes_per_voxel: int = 4,
     cache_rate: float = 1.0,
+    pad_to: Sequence[int] | None = None,
 ) -> int:
     """Estimate the memory of cached volumes (resampled, before cropping) from their headers.
 
     Per volume, the voxel count is ``prod(round(shape * spacing / target_spacing))`` over the three
-    spatial axes (``prod(shape)`` without ``target_spacing``). Like MONAI's ``CacheDataset``, only the
-    first ``int(cache_rate * len(entries))`` entries are counted.
+    spatial axes (``prod(shape)`` without ``target_spacing``), each axis at least ``pad_to`` when given. Like
+    MONAI's ``CacheDataset``, only the first ``int(cache_rate * len(entries))`` entries are counted.
 
     Args:
         entries: datalist entries (their ``image`` header is read) or :class:`ImageHeader` objects.
         target_spacing: spacing in mm after resampling (one value for all axes, or three).
         bytes_per_voxel: bytes per cached voxel (4 for float32).
         cache_rate: fraction of the entries that is cached.
+        pad_to: the size volumes are padded to (e.g. the crop size), per axis.
 
     Returns:
         The estimated number of bytes.
@@ -412,5 +414,7 @@ def estimate_cache_bytes(
         if target_spacing is not None:
             target = np.broadcast_to(np.asarray(target_spacing, dtype=np.float64), (3,))
             shape = np.maximum(np.round(shape * np.asarray(header.spacing[:3]) / target), 1)
+        if pad_to is not None:
+            shape = np.maximum(shape, np.asarray(pad_to, dtype=np.float64))
         total += math.prod(int(s) for s in shape) * bytes_per_voxel
     return total

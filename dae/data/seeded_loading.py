@@ -101,6 +101,11 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the wrapped dataset the epoch, if it changes with it (``dae.data.RollingCacheDataset``'s window)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
     def __getitem__(self, key: tuple[int, int]) -> Any:
         """Sample ``index`` of ``epoch``, for ``key = (epoch, index)`` (as :class:`EpochSampler` yields)."""
         if not isinstance(key, tuple) or len(key) != 2:
@@ -207,7 +212,8 @@ def seeded_loader(
         drop_last: drop the last incomplete batch (of each rank).
         num_workers: worker processes (0: load in the training process).
         persistent_workers: keep the workers between epochs (only with ``num_workers > 0``); the batches are the
-            same either way.
+            same either way. Ignored for a dataset whose content changes every epoch (``changes_every_epoch``, a
+            rolling cache): workers are forked anew each epoch, so that they see the new window.
         distributed: split the samples over the ranks; None: when a process group with several ranks exists.
         num_replicas: ranks to split over (default: the process group's); implies ``distributed``.
         rank: this process's rank (default: the process group's).
@@ -251,7 +257,9 @@ def seeded_loader(
         collate_fn=collate_fn or list_data_collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
-        persistent_workers=persistent_workers and num_workers > 0,
+        persistent_workers=persistent_workers
+        and num_workers > 0
+        and not getattr(dataset, "changes_every_epoch", False),
         prefetch_factor=prefetch_factor,
         generator=torch.Generator().manual_seed(seed),
     )

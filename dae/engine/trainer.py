@@ -416,9 +416,10 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training loader; returns the epoch means (averaged over ranks)."""
         self.ddp_model.train()
-        for sampler in (getattr(self.train_loader, "sampler", None), getattr(self.train_loader, "batch_sampler", None)):
-            if hasattr(sampler, "set_epoch"):  # DistributedSampler, dae.data.EpochSampler
-                sampler.set_epoch(self.epoch)
+        loader = self.train_loader
+        for follower in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None), loader.dataset):
+            if hasattr(follower, "set_epoch"):  # DistributedSampler, dae.data.EpochSampler; a rolling cache's window
+                follower.set_epoch(self.epoch)
         if not isinstance(self.train_loader.dataset, SeededDataset):
             # A plain loader: re-seed the random transforms of in-process loading from the (checkpointed) global
             # generator, so that a resumed run draws the same crops; worker processes are seeded by MONAI's
