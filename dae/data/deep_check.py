@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from tqdm import tqdm
 
 from dae.data.datalist import MODALITY_GROUPS, DatalistError, label_problem
 from dae.data.image_check import inspect_entry
 from dae.errors import ConfigError
-from dae.utils.dist import is_main_process
+from dae.utils.dist import get_rank, get_world_size, is_main_process
 
 __all__ = ["CACHE_NAME", "CHECK_LEVELS", "ModalitySummary", "check_data", "deep_check_lists"]
 
@@ -92,7 +93,8 @@ def check_data(
     ``basic`` makes the checks that need no decoding: files exist, labels are present (``require_label``) and of
     the right kind, integer class labels lie in ``0..num_classes-1``, and each entry's ``id_table`` is a key of
     ``label_maps``. ``deep`` adds :func:`deep_check_lists`'s decoding, with its cache in
-    ``<output_dir>/data_check.json``. ``off`` checks nothing. Every process of a distributed run may call it.
+    ``<output_dir>/data_check.json``. ``off`` checks nothing. Under a process group every rank must call it:
+    the files are decoded once, split over the ranks, and every rank gets every result.
 
     Args:
         lists: split name to entries, as returned by :func:`~dae.data.load_datalist` (paths resolved).
@@ -102,7 +104,7 @@ def check_data(
         label_maps: id table name to ``{stored id: class id}``, as given to :class:`~dae.data.RemapLabelsd`; None
             when labels are used as stored (an entry's ``id_table`` is then not applied).
         output_dir: the run's folder, for the cache; None: no cache.
-        workers: decoding processes (default ``min(8, os.cpu_count())``; 0 or 1: in this process).
+        workers: decoding processes per rank (default ``min(8, CPUs / ranks on the node)``; 0 or 1: in this process).
         require_label: False, True (a class index or a label image), ``"class"`` or ``"image"``, as for
             :func:`~dae.data.load_datalist`.
         source: name of the datalist for the error message (e.g. its path).
@@ -158,7 +160,7 @@ def deep_check_lists(
         num_classes: number of classes, background included; None skips the class-range checks.
         label_maps: id table name to ``{stored id: class id}``; None when labels are used as stored.
         require_label: False, True, ``"class"`` or ``"image"``, as for :func:`~dae.data.load_datalist`.
-        workers: decoding processes (default ``min(8, os.cpu_count())``; 0 or 1: in this process).
+        workers: decoding processes per rank (default ``min(8, CPUs / ranks on the node)``; 0 or 1: in this process).
         cache_file: JSON file of results of earlier runs, updated here; None: no cache.
         source: name of the datalist for the error message (e.g. its path).
 
@@ -169,7 +171,8 @@ def deep_check_lists(
         DatalistError: a header naming ``source`` and the splits, then ``  [<split> <index>] <path>: <reasons>``
             for every bad entry.
     """
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the processes of a node share its cores
+    workers = min(8, max((os.cpu_count() or 1) // ranks_here, 1)) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
     problems = _basic_problems(lists, num_classes, label_maps, require_label)
@@ -301,8 +304,8 @@ def _inspect_all(
             results[args] = cached["result"]
         else:
             todo[args] = fingerprint
-    results |= _decode_all(list(todo), workers)
-    if cache_path is not None and todo:
+    results |= _decode_shared(list(todo), workers)
+    if cache_path is not None and todo and is_main_process():
         for args, fingerprint in todo.items():
             if results[args]["problems"]:
                 cache.pop(json.dumps(args), None)
@@ -346,6 +349,17 @@ def _write_cache(path: Path, entries: Mapping[str, Any]) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
         json.dump({"version": _CACHE_VERSION, "entries": entries}, f)
     os.replace(f.name, path)
+
+
+def _decode_shared(jobs: list[tuple[str, str | None, bool]], workers: int) -> dict[tuple, dict[str, Any]]:
+    """:func:`_decode_all` with the jobs split over the ranks of a process group, every rank getting all results."""
+    world = get_world_size()
+    mine = _decode_all(jobs[get_rank() :: world], workers)
+    if world == 1:
+        return mine
+    shares: list[dict[tuple, dict[str, Any]] | None] = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {args: result for share in shares for args, result in share.items()}
 
 
 def _decode_all(jobs: list[tuple[str, str | None, bool]], workers: int) -> dict[tuple, dict[str, Any]]:
