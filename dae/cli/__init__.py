@@ -1,6 +1,8 @@
-"""Command-line tools for datalists: ``python -m dae.cli make-folds``, ``make-xray-datalist`` and ``validate-datalist``.
+"""Command-line tools for datalists: ``python -m dae.cli make-folds``, ``make-xray-datalist``, ``validate-datalist``,
+``make-pretrain-datalist`` and ``convert-dae-jsons`` (the last two in :mod:`dae.cli.pretrain_lists`).
 
-Exit codes: 0 success, 1 bad data (unpairable files, too few patients, invalid datalist), 2 bad arguments.
+Exit codes: 0 success, 1 bad data (unpairable files, too few patients, volumes of unknown modality, missing files,
+invalid datalist), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from dae.cli import pretrain_lists
 from dae.data.datalist import DatalistError, load_datalist, read_class_names
 from dae.data.deep_check import deep_check_lists
 from dae.data.labels import BTCV_CLASSES, FETA_CLASSES
@@ -32,10 +35,12 @@ _SPLITS = ("training", "validation", "test")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dae.cli`` argument parser: ``make-folds``, ``make-xray-datalist`` and ``validate-datalist``."""
+    """The ``dae.cli`` argument parser: ``make-folds``, ``make-xray-datalist``, ``validate-datalist``,
+    ``make-pretrain-datalist`` and ``convert-dae-jsons``."""
     parser = argparse.ArgumentParser(
         prog="python -m dae.cli",
-        description="dae datalist tools: make cross-validation folds or an X-ray datalist, validate a datalist.",
+        description="dae datalist tools: make cross-validation folds, an X-ray datalist or a pretraining datalist, "
+        "convert the DAE paper's pretraining lists, validate a datalist.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="for --deep: label values must lie in 0..K-1 (default: the size of the datalist's 'labels' map, if any)",
     )
+    pretrain_lists.add_commands(commands)
     return parser
 
 
@@ -283,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _make_folds(args)
         elif args.command == "make-xray-datalist":
             _make_xray_datalist(args)
+        elif args.command in pretrain_lists.COMMANDS:
+            pretrain_lists.run(args)
         else:
             _validate(args)
     except (DatalistError, ValueError) as e:

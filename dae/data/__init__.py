@@ -15,6 +15,7 @@ from dae.data.cache_modes import (
     validation_cache_mode,
 )
 from dae.data.cache_report import CacheEstimate, available_memory_bytes, check_cache_size
+from dae.data.dae_reference_lists import ReferenceFile, convert_reference_lists
 from dae.data.datalist import (
     GROUP_NAMES,
     MODALITY_GROUPS,
@@ -31,6 +32,7 @@ from dae.data.datalist import (
 )
 from dae.data.deep_check import CHECK_LEVELS, ModalitySummary, check_data, deep_check_lists
 from dae.data.device_augment import CropAugment, augment_batch, augment_crops
+from dae.data.dicom_writer import write_dicom_series
 from dae.data.labels import (
     BTCV_CLASSES,
     FETA_ATLAS_TO_FETA,
@@ -43,6 +45,9 @@ from dae.data.labels import (
 )
 from dae.data.loaders import list_loaders, load_splits
 from dae.data.multicrop import DINOMultiCrop, MultiCropd, multicrop_working_size
+from dae.data.pretrain_lists import PretrainReport, make_pretrain_datalist, merge_datalists, validation_size
+from dae.data.pretrain_presets import PRESETS, Preset
+from dae.data.pretrain_scan import Source, modality_from_filename, modality_from_series_description, scan_source
 from dae.data.readers import SimpleITKReader, find_dicom_series
 from dae.data.seeded_loading import EpochSampler, EpochShuffleSampler, SeededDataset, sample_seeds, seeded_loader
 from dae.data.splits import (
@@ -75,6 +80,7 @@ __all__ = [
     "GROUP_NAMES",
     "MODALITY_GROUPS",
     "PREPROCESSING_NAMES",
+    "PRESETS",
     "TOTALSEGMENTATOR_BTCV_NAMES",
     "VARIANTS_SUFFIX",
     "XRAY_EXTENSIONS",
@@ -92,13 +98,17 @@ __all__ = [
     "ModalitySummary",
     "MultiCropd",
     "PersistentDataset",
+    "Preset",
+    "PretrainReport",
     "RandDAXPreprocessd",
     "RandXRayVariantd",
+    "ReferenceFile",
     "RemapLabelsd",
     "RollingCacheDataset",
     "ScaleIntensityByModalityd",
     "SeededDataset",
     "SimpleITKReader",
+    "Source",
     "TestSet",
     "XRayToUint8d",
     "assign_patients",
@@ -109,6 +119,7 @@ __all__ = [
     "case_id_from_filename",
     "check_cache_size",
     "check_data",
+    "convert_reference_lists",
     "dax_preprocess",
     "deep_check_lists",
     "estimate_cache_bytes",
@@ -122,7 +133,11 @@ __all__ = [
     "load_datalist",
     "load_splits",
     "load_test_set",
+    "make_pretrain_datalist",
     "make_xray_datalist",
+    "merge_datalists",
+    "modality_from_filename",
+    "modality_from_series_description",
     "multicrop_working_size",
     "pair_images_and_labels",
     "read_class_names",
@@ -132,11 +147,14 @@ __all__ = [
     "reduce_to_uint8",
     "remap_labels",
     "sample_seeds",
+    "scan_source",
     "seeded_loader",
     "totalsegmentator_to_btcv",
     "transform_fingerprint",
     "validate_datalist",
     "validation_cache_mode",
+    "validation_size",
+    "write_dicom_series",
     "write_fold_files",
     "write_test_file",
     "xray_preprocessing",
