@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,10 @@ def test_write_dicom_series_round_trip(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="3D"):
         write_dicom_series(sitk.Image(8, 8, sitk.sitkInt16), tmp_path / "flat", f"{UID_ROOT}.3")
+
+
+def test_writing_keeps_the_process_locale(tmp_path: Path) -> None:
+    # GDCM's writer sets the C locale to "C": later subprocess output would be decoded as ASCII.
+    before = locale.setlocale(locale.LC_ALL)
+    write_dicom_series(sitk.Image(4, 4, 2, sitk.sitkInt16), tmp_path / "s", "1.2.3.4")
+    assert locale.setlocale(locale.LC_ALL) == before

@@ -7,12 +7,25 @@ type (e.g. int16 Hounsfield units).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import locale
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import SimpleITK as sitk
 
 __all__ = ["write_dicom_series"]
+
+
+@contextmanager
+def _locale_kept() -> Iterator[None]:
+    """Restore the process's C locale afterwards: GDCM's DICOM writer sets it to "C", which would make Python
+    decode the output of every later subprocess as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def write_dicom_series(
@@ -80,6 +93,7 @@ def write_dicom_series(
             plane.SetMetaData(tag, value)
         path = folder / f"{prefix}_{k:04d}.dcm"
         writer.SetFileName(str(path))
-        writer.Execute(plane)
+        with _locale_kept():
+            writer.Execute(plane)
         files.append(path)
     return files
