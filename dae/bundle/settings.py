@@ -122,6 +122,7 @@ SETTINGS: dict[str, Setting] = {
     # run length and batches
     "epochs": _integer(1),
     "epochs_per_run": _integer(1, nullable=True),
+    "early_stop_patience": _integer(1, nullable=True),
     "batch_size": _integer(1),
     "total_batch_size": _integer(1),
     "probe_batch_size": _integer(1),

@@ -98,6 +98,9 @@ class Trainer:
         epochs_per_run: stop this process after this many epochs (for schedulers with time limits); the next
             launch with ``resume`` continues the same run.
         progress: show a progress bar.
+        early_stop_patience: stop when ``best_metric`` has not improved for this many validations in a row (None:
+            train all ``max_epochs``). The count is checkpointed, so a resumed run keeps it, and a run that stopped
+            early stays stopped when launched again; ``best.pt`` holds the best epoch either way.
         channels_last: keep the network's convolution weights and the batch's images and volumes in
             channels-last layout (``torch.channels_last`` / ``channels_last_3d``), which tensor-core
             convolutions prefer; the same numbers, another memory order.
@@ -138,6 +141,7 @@ class Trainer:
         resume_from: str | Path | None = None,
         epochs_per_run: int | None = None,
         progress: bool = True,
+        early_stop_patience: int | None = None,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
@@ -146,6 +150,10 @@ class Trainer:
             raise ValueError(f"clip_mode must be one of {list(CLIP_MODES)}, got {clip_mode!r}")
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+        if early_stop_patience is not None and (isinstance(early_stop_patience, bool) or early_stop_patience < 1):
+            raise ValueError(f"early_stop_patience must be a positive integer or None, got {early_stop_patience!r}")
+        if early_stop_patience is not None and val_loader is None:
+            raise ValueError("early_stop_patience needs a validation (val_loader) to watch")
         if len(train_loader) == 0:
             raise ValueError("the training loader yields no batch: check the datalist, batch_size and drop_last")
         self.device = torch.device(device)
@@ -169,6 +177,7 @@ class Trainer:
         self.seed = seed
         self.epochs_per_run = epochs_per_run
         self.progress = progress
+        self.early_stop_patience = early_stop_patience
         self.rank = get_rank()
 
         self.steps_per_epoch = len(train_loader)
@@ -182,6 +191,9 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.best_value = math.inf if self.best_mode == "min" else -math.inf
+        self.best_epoch = 0
+        #: validations in a row without a better ``best_metric`` (for early stopping)
+        self.stale_validations = 0
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.log = RunLog(self.output_dir, log_interval)
         self._resume_path = resume_path(self.output_dir, resolve_flag(resume, "resume"), resume_from)
@@ -291,6 +303,8 @@ class Trainer:
             "global_step": self.global_step,
             "best_metric": self.best_metric,
             "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "stale_validations": self.stale_validations,
             "rng": capture_rng_state(),
             **self.extra_state(),
         }
@@ -315,9 +329,27 @@ class Trainer:
         self.global_step = int(state["global_step"])
         if state.get("best_metric") == self.best_metric:
             self.best_value = float(state["best_value"])
+            self.best_epoch = int(state.get("best_epoch", 0))
+            self.stale_validations = int(state.get("stale_validations", 0))
         self.load_extra_state(state)
         self._rng_to_restore = state["rng"]
         logger.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.global_step)
+
+    def _stopping_early(self) -> bool:
+        """Whether ``early_stop_patience`` validations in a row brought no better ``best_metric`` (logged once)."""
+        if self.early_stop_patience is None or self.stale_validations < self.early_stop_patience:
+            return False
+        logger.info(
+            "stopping early at epoch %d of %d: %s has not improved for %d validations (best %.4f at epoch %d, in "
+            "best.pt)",
+            self.epoch,
+            self.max_epochs,
+            self.best_metric,
+            self.stale_validations,
+            self.best_value,
+            self.best_epoch,
+        )
+        return True
 
     def _improved(self, value: float) -> bool:
         return value < self.best_value if self.best_mode == "min" else value > self.best_value
@@ -325,7 +357,9 @@ class Trainer:
     def _save(self, val: dict[str, float] | None) -> None:
         improved = val is not None and self._improved(val[self.best_metric])
         if improved:
-            self.best_value = val[self.best_metric]
+            self.best_value, self.best_epoch, self.stale_validations = val[self.best_metric], self.epoch, 0
+        elif val is not None:
+            self.stale_validations += 1
         if is_main_process():
             state = self.state_dict()
             save_checkpoint(state, self.ckpt_dir / "latest.pt")
@@ -492,7 +526,7 @@ class Trainer:
         last = (
             self.max_epochs if self.epochs_per_run is None else min(self.max_epochs, self.epoch + self.epochs_per_run)
         )
-        while self.epoch < last:
+        while self.epoch < last and not self._stopping_early():
             start = time.perf_counter()
             train = self.train_epoch()
             self.epoch += 1
