@@ -99,13 +99,14 @@ def test_seg_probe_bundle(seg_data: Path, dino_checkpoint: Path, tmp_path: Path)
     out = out / "evaluation" / "datalist_test"  # the scored list: "test" of datalist.json
     assert all((out / f"results.{ext}").is_file() for ext in ("csv", "json", "md"))
     rows = json.loads((out / "results.json").read_text())
-    assert {(r["backbone"], r["metric"]) for r in rows} == {(b, m) for b in backbones for m in ("dice", "iou")}
+    scored = [*backbones, "dino_vit_tiny16_random_init"]  # compare_random adds the checkpoint's random-init twin
+    assert {(r["backbone"], r["metric"]) for r in rows} == {(b, m) for b in scored for m in ("dice", "iou")}
     for row in rows:
         assert row["protocol"] == "seg_probe" and row["setting"] == "linear:lr=0.05"
         values = [row["value"], row["per_class.liver"], row["per_class.lungs"]]
         assert all(0.0 <= v <= 1.0 for v in values), row
         if row["metric"] == "dice":  # masks line up with their images: two epochs already find some lung
             assert row["per_class.lungs"] > 0.05, row
-    for name in backbones:
+    for name in scored:
         assert (out / "pictures" / f"{name}_seg_probe.png").stat().st_size > 0
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))

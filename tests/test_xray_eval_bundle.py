@@ -56,7 +56,7 @@ def test_all_protocols_write_one_table(tmp_path, small_run):
     scored = out / "evaluation" / "xray_small_test"  # the datalist's own test list
     rows = json.loads((scored / "results.json").read_text())
     assert {r["test_set"] for r in rows} == {"xray_small_test"}
-    for backbone in ("random_vit_tiny16", "dino_demo_vit_tiny16"):
+    for backbone in ("dino_demo_vit_tiny16_random_init", "dino_demo_vit_tiny16"):
         mine = [r for r in rows if r["backbone"] == backbone]
         assert {r["protocol"] for r in mine} == {"knn", "linear", "retrieval", "frozen_head"}
         for row in mine:
@@ -69,5 +69,10 @@ def test_all_protocols_write_one_table(tmp_path, small_run):
         assert len(test_features["ids"]) == 6
         assert (out / "features" / backbone / "training.pt").is_file()
     assert (scored / "results.csv").is_file() and (scored / "config.yaml").is_file()
-    assert (scored / "results.md").read_text().startswith("Test set `xray_small_test`: list `test` of ")
+    summary = (scored / "results.md").read_text()
+    assert summary.startswith("Test set `xray_small_test`: list `test` of ")
+    # compare_random (on by default): the checkpoint's architecture at random init, and the gain per metric
+    gains = summary[summary.index("Pretrained against the same architecture at random initialisation") :]
+    assert "| dino_demo_vit_tiny16 | knn | auroc |" in gains and "| dino_demo_vit_tiny16 | linear | auroc |" in gains
+    assert "Pretrained against the same architecture" in log
     assert not (out / "results.json").exists() and not (out / "pictures").exists()

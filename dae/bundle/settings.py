@@ -216,6 +216,7 @@ FLAGS = frozenset(
         "norm_last_layer",
         "use_bn_in_head",
         "device_augmentation",
+        "compare_random",
     }
 )
 """Boolean keys: true/false, yes/no, 1/0, on/off are read as booleans, anything else is an error."""

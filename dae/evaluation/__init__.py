@@ -1,6 +1,7 @@
 """Evaluation of frozen or fine-tuned backbones: features, k-NN, linear probes, retrieval, metrics and reports;
 the segmentation probe, whole-volume segmentation evaluation and inference."""
 
+from dae.evaluation.baselines import RANDOM_SUFFIX, gain_table, with_random_baselines
 from dae.evaluation.features import (
     EXTRACTORS,
     INPUT_OPTIONS,
@@ -71,6 +72,7 @@ __all__ = [
     "EXTRACTORS",
     "INPUT_OPTIONS",
     "PROTOCOLS",
+    "RANDOM_SUFFIX",
     "AdaptedExtractor",
     "BackboneContext",
     "DAE3DExtractor",
@@ -106,6 +108,7 @@ __all__ = [
     "fit_probe_and_test",
     "flatten_row",
     "format_table",
+    "gain_table",
     "image_diagonal",
     "knn_evaluate",
     "knn_predict",
@@ -131,6 +134,7 @@ __all__ = [
     "seg_probe_picture",
     "select_probe_setting",
     "summarise_cases",
+    "with_random_baselines",
     "write_results",
     "write_tables",
 ]

@@ -145,14 +145,15 @@ def _json_value(value: Any) -> Any:
 
 
 def write_results(
-    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str, preamble: str = ""
+    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str, preamble: str = "", appendix: str = ""
 ) -> dict[str, Path]:
     """Write the same result rows as ``<name>.csv``, ``<name>.json`` and ``<name>.md`` in ``out_dir``.
 
     Rows are flattened (:func:`flatten_row`); the CSV has the union of their columns (the main ones first,
     the others in first-seen order), with empty cells where a row lacks a column. The JSON holds the list of
     flat rows, keys in the same order, with non-finite floats as ``null``. The Markdown table has every
-    column, the interval shown in the ``value`` cell, below ``preamble`` (Markdown, e.g. what was scored).
+    column, the interval shown in the ``value`` cell, below ``preamble`` (Markdown, e.g. what was scored) and above
+    ``appendix`` (Markdown, e.g. a comparison).
 
     Returns:
         ``{"csv": path, "json": path, "md": path}``.
@@ -177,7 +178,8 @@ def write_results(
     )
     md_columns = [c for c in columns if c not in ("low", "high")] if "value" in columns else columns
     table = format_table(flat, columns=md_columns, digits=4)
-    paths["md"].write_text(f"{preamble.rstrip()}\n\n{table}\n" if preamble.strip() else f"{table}\n")
+    parts = [part.strip() for part in (preamble, table, appendix) if part.strip()]
+    paths["md"].write_text("\n\n".join(parts) + "\n")
     return paths
 
 

@@ -45,6 +45,7 @@ from dae.data.datalist import read_class_names
 from dae.data.loaders import load_splits
 from dae.data.test_sets import TestSet
 from dae.errors import DataError
+from dae.evaluation.baselines import gain_table, with_random_baselines
 from dae.evaluation.features import AdaptedExtractor, build_extractor, extract_features, unpack_batch
 from dae.evaluation.featureset import FeatureSet
 from dae.evaluation.finetune import ProbeFeatures, run_finetune
@@ -53,6 +54,7 @@ from dae.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
 from dae.evaluation.report import format_table, roc_figure, save_figure, save_retrieval_figure, write_results
 from dae.evaluation.retrieval import run_retrieval
 from dae.evaluation.seg_probe import first_samples, run_seg_probe, seg_probe_picture
+from dae.utils.config import resolve_flag
 from dae.utils.pictures import pca_picture, save_picture
 from dae.utils.precision import amp_dtype
 from dae.utils.tensors import plain_tensor
@@ -306,6 +308,7 @@ def evaluate_backbones(
     amp: str = "none",
     pictures: int = 4,
     test_set: TestSet | None = None,
+    compare_random: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``protocols`` for every backbone and write ``results.{csv,json,md}`` and pictures of the test set.
 
@@ -337,6 +340,10 @@ def evaluate_backbones(
         pictures: test images shown in the pictures (0: none).
         test_set: what ``loaders["test"]`` holds (:func:`~dae.data.load_test_set`): its name, file, list and
             note; None: the name ``test``, nothing else recorded.
+        compare_random: also evaluate every backbone that loads a checkpoint at random initialisation
+            (:func:`~dae.evaluation.baselines.with_random_baselines`, seeded with ``seed``), and add the table of
+            pretrained against random init (:func:`~dae.evaluation.baselines.gain_table`) to ``results.md`` and the
+            printout.
 
     Returns:
         The result rows (``backbone``, ``protocol``, ``setting``, ``metric``, ``value``, ``low``, ``high``, ...).
@@ -358,8 +365,11 @@ def evaluate_backbones(
     device = torch.device(device)
     rows: list[dict[str, Any]] = []
     writer = SummaryWriter(str(scored / "tensorboard"))
+    if resolve_flag(compare_random, "compare_random"):
+        backbones = with_random_baselines(backbones)
     try:
         for name, spec in backbones.items():
+            torch.manual_seed(seed)  # a random-init backbone is the same in every run
             extractor = build_extractor(spec).to(device)
             logger.info("backbone %s: %s", name, dict(spec))
             context = BackboneContext(
@@ -387,9 +397,12 @@ def evaluate_backbones(
                 _pca_picture(context)
     finally:
         writer.close()
-    paths = write_results(rows, scored, "results", preamble=_describe(test_set, scored.name))
+    gains = gain_table(rows)
+    paths = write_results(rows, scored, "results", preamble=_describe(test_set, scored.name), appendix=gains)
     logger.info("results written to %s", ", ".join(str(p) for p in paths.values()))
     print(format_table(rows))
+    if gains:
+        print(f"\n{gains}")
     if test_set is not None and test_set.note:
         logger.warning("test set %s: %s", test_set.name, test_set.note)
     return rows

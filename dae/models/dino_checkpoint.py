@@ -46,7 +46,14 @@ from dae.models.multicrop import MultiCropWrapper
 from dae.utils.checkpoint import load_checkpoint
 from dae.utils.state_dict import LoadReport, head_keys, load_state_dict_with_report, strip_prefix
 
-__all__ = ["DinoLoadReport", "load_backbone", "load_dino_wrapper_state", "normalize_dino_keys", "read_dino_checkpoint"]
+__all__ = [
+    "DinoLoadReport",
+    "backbone_like",
+    "load_backbone",
+    "load_dino_wrapper_state",
+    "normalize_dino_keys",
+    "read_dino_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +219,47 @@ def _weight_shape(state: Mapping[str, torch.Tensor], key: str, dim: int) -> int 
     return int(tensor.shape[dim]) if isinstance(tensor, torch.Tensor) and tensor.ndim == 4 else None
 
 
+def _backbone_for(
+    path: str | os.PathLike,
+    arch: str | None,
+    patch_size: int | None,
+    in_chans: int | None,
+    img_size: int | None,
+    checkpoint_key: str,
+) -> tuple[nn.Module, dict[str, torch.Tensor], list[str]]:
+    """The backbone a checkpoint holds, as :func:`load_backbone` resolves it (not loaded), its backbone state
+    dict and the skipped keys."""
+    checkpoint = _read_file(path)
+    state = normalize_dino_keys(_select_state_dict(checkpoint, checkpoint_key, path))
+    if any(key.startswith("backbone.") for key in state):
+        skipped = [key for key in state if not key.startswith("backbone.")]
+        state = {key.removeprefix("backbone."): value for key, value in state.items() if key.startswith("backbone.")}
+    else:
+        skipped = [key for key in state if key.startswith("head.")]
+        state = {key: value for key, value in state.items() if not key.startswith("head.")}
+
+    config = checkpoint.get("backbone_config")
+    config = config if isinstance(config, Mapping) else {}
+    arch = _first_given(arch, config.get("arch"))
+    if arch is None:
+        raise ValueError(
+            f"checkpoint {path} does not record its backbone (no 'backbone_config'); pass arch=, one of {ARCHS}"
+        )
+    patch_size = _first_given(patch_size, config.get("patch_size"), _weight_shape(state, "patch_embed.proj.weight", -1))
+    grid = state.get("pos_embed")
+    stored_side = math.isqrt(grid.shape[1] - 1) if isinstance(grid, torch.Tensor) and grid.ndim == 3 else None
+    model = build_backbone(
+        arch,
+        patch_size=patch_size,
+        in_chans=_first_given(in_chans, config.get("in_chans"), *(_weight_shape(state, stem, 1) for stem in _STEMS), 3),
+        img_size=_first_given(
+            img_size, config.get("img_size"), stored_side * patch_size if stored_side and patch_size else None
+        ),
+    )
+
+    return model, state, skipped
+
+
 def load_backbone(
     path: str | os.PathLike,
     arch: str | None = None,
@@ -245,34 +293,7 @@ def load_backbone(
         ValueError: when the arch is unknown or not given and not stored, when ``checkpoint_key`` is absent from a
             full checkpoint, when no key matched, or when shapes disagree after the conversions.
     """
-    checkpoint = _read_file(path)
-    state = normalize_dino_keys(_select_state_dict(checkpoint, checkpoint_key, path))
-    if any(key.startswith("backbone.") for key in state):
-        skipped = [key for key in state if not key.startswith("backbone.")]
-        state = {key.removeprefix("backbone."): value for key, value in state.items() if key.startswith("backbone.")}
-    else:
-        skipped = [key for key in state if key.startswith("head.")]
-        state = {key: value for key, value in state.items() if not key.startswith("head.")}
-
-    config = checkpoint.get("backbone_config")
-    config = config if isinstance(config, Mapping) else {}
-    arch = _first_given(arch, config.get("arch"))
-    if arch is None:
-        raise ValueError(
-            f"checkpoint {path} does not record its backbone (no 'backbone_config'); pass arch=, one of {ARCHS}"
-        )
-    patch_size = _first_given(patch_size, config.get("patch_size"), _weight_shape(state, "patch_embed.proj.weight", -1))
-    grid = state.get("pos_embed")
-    stored_side = math.isqrt(grid.shape[1] - 1) if isinstance(grid, torch.Tensor) and grid.ndim == 3 else None
-    model = build_backbone(
-        arch,
-        patch_size=patch_size,
-        in_chans=_first_given(in_chans, config.get("in_chans"), *(_weight_shape(state, stem, 1) for stem in _STEMS), 3),
-        img_size=_first_given(
-            img_size, config.get("img_size"), stored_side * patch_size if stored_side and patch_size else None
-        ),
-    )
-
+    model, state, skipped = _backbone_for(path, arch, patch_size, in_chans, img_size, checkpoint_key)
     target = model.state_dict()
     converted = _convert_backbone(state, target, "")
     name = f"{path} [{checkpoint_key}] backbone"
@@ -281,6 +302,28 @@ def load_backbone(
     if converted or skipped:
         logger.info(report.summary())
     return model, report
+
+
+def backbone_like(
+    path: str | os.PathLike,
+    arch: str | None = None,
+    patch_size: int | None = None,
+    in_chans: int | None = None,
+    img_size: int | None = None,
+    checkpoint_key: str = "teacher",
+) -> nn.Module:
+    """The backbone a checkpoint holds, at random initialisation: the baseline of the same architecture.
+
+    The architecture is resolved exactly as :func:`load_backbone` resolves it (arguments, then the checkpoint's
+    ``backbone_config``, then its weights' shapes); no weight is loaded. Seed torch's generator first for a
+    reproducible baseline.
+
+    Raises:
+        FileNotFoundError, CheckpointError, ValueError: as :func:`load_backbone`.
+    """
+    model, _, _ = _backbone_for(path, arch, patch_size, in_chans, img_size, checkpoint_key)
+    logger.info("backbone: the architecture of %s [%s], randomly initialised", path, checkpoint_key)
+    return model
 
 
 def load_dino_wrapper_state(

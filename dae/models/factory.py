@@ -1,16 +1,18 @@
 """Backbones from config mappings: one spec gives one model, whichever kind and checkpoint format it names.
 
-Kinds and keys (``checkpoint`` / ``path`` must be present; ``null`` checkpoints give random-init baselines):
+Kinds and keys (``checkpoint`` / ``path`` must be present; ``null`` checkpoints give random-init baselines, and
+``"random_init": true`` the architecture of a checkpoint at random initialisation, its baseline):
 
 ``{"kind": "dino", "checkpoint": path | null, "arch", "patch_size", "in_chans", "img_size",
-"checkpoint_key": "teacher"}``
+"checkpoint_key": "teacher", "random_init": false}``
     A 2D ViT or ResNet (:func:`~dae.models.backbone2d.build_backbone`): our / DINO / DAX checkpoints via
     :func:`~dae.models.dino_checkpoint.load_backbone` (``arch`` etc. may come from the checkpoint); with a null
     checkpoint ``arch`` is required and the rest default to ``build_backbone``'s (patch 16, 3 channels, 224).
 ``{"kind": "hf_dinov2", "path": folder}``
     A local transformers DINOv2 folder (RAD-DINO) via :func:`~dae.models.hf_dinov2.load_hf_dinov2`.
 ``{"kind": "dae3d", "checkpoint": path | null, "fmt": "auto", "in_channels": 1, "feature_size": 48,
-"depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24], "window_size": 7, "use_v2": false, "normalize": true}``
+"depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24], "window_size": 7, "use_v2": false, "normalize": true,
+"random_init": false}``
     A 3D MONAI ``SwinUNETR`` whose encoder is loaded with :func:`~dae.models.pretrained.load_pretrained_swinunetr`
     (``parts="encoder"``; any of its formats: our DAE checkpoints, plain SwinUNETR, MONAI SSL, official DAE).
 
@@ -28,7 +30,7 @@ from monai.networks.nets import SwinUNETR
 from torch import nn
 
 from dae.models.backbone2d import build_backbone
-from dae.models.dino_checkpoint import load_backbone
+from dae.models.dino_checkpoint import backbone_like, load_backbone
 from dae.models.hf_dinov2 import load_hf_dinov2
 from dae.models.pretrained import load_pretrained_swinunetr
 
@@ -40,12 +42,22 @@ logger = logging.getLogger(__name__)
 BACKBONE_KINDS: dict[str, dict[str, tuple[str, ...]]] = {
     "dino": {
         "required": ("checkpoint",),
-        "optional": ("arch", "patch_size", "in_chans", "img_size", "checkpoint_key"),
+        "optional": ("arch", "patch_size", "in_chans", "img_size", "checkpoint_key", "random_init"),
     },
     "hf_dinov2": {"required": ("path",), "optional": ()},
     "dae3d": {
         "required": ("checkpoint",),
-        "optional": ("fmt", "in_channels", "feature_size", "depths", "num_heads", "window_size", "use_v2", "normalize"),
+        "optional": (
+            "fmt",
+            "in_channels",
+            "feature_size",
+            "depths",
+            "num_heads",
+            "window_size",
+            "use_v2",
+            "normalize",
+            "random_init",
+        ),
     },
 }
 
@@ -85,6 +97,15 @@ def _dino(spec: Mapping[str, Any]) -> nn.Module:
             in_chans=spec.get("in_chans", 3),
             img_size=spec.get("img_size", 224),
         )
+    if spec.get("random_init", False):
+        return backbone_like(
+            spec["checkpoint"],
+            arch=spec.get("arch"),
+            patch_size=spec.get("patch_size"),
+            in_chans=spec.get("in_chans"),
+            img_size=spec.get("img_size"),
+            checkpoint_key=spec.get("checkpoint_key", "teacher"),
+        )
     backbone, _ = load_backbone(
         spec["checkpoint"],
         arch=spec.get("arch"),
@@ -109,8 +130,8 @@ def _dae3d(spec: Mapping[str, Any]) -> nn.Module:
         normalize=spec.get("normalize", True),
         spatial_dims=3,
     )
-    if spec["checkpoint"] is None:
-        logger.info("backbone: randomly initialised SwinUNETR encoder (no checkpoint)")
+    if spec["checkpoint"] is None or spec.get("random_init", False):
+        logger.info("backbone: randomly initialised SwinUNETR encoder")
     else:
         load_pretrained_swinunetr(swin, spec["checkpoint"], fmt=spec.get("fmt", "auto"), parts="encoder")
     return swin
