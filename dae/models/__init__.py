@@ -8,6 +8,7 @@ from dae.models.backbone2d import ARCHS, backbone_config, build_backbone, is_vit
 from dae.models.dae import DAEOutput, DisruptiveAutoencoder
 from dae.models.dino_checkpoint import (
     DinoLoadReport,
+    backbone_like,
     load_backbone,
     load_dino_wrapper_state,
     normalize_dino_keys,
@@ -46,6 +47,7 @@ __all__ = [
     "VisionTransformer2D",
     "backbone_config",
     "backbone_from_spec",
+    "backbone_like",
     "build_backbone",
     "build_seg_head",
     "check_backbone_spec",
