@@ -1,5 +1,6 @@
 """Command-line tools for datalists: ``python -m dae.cli make-folds``, ``make-xray-datalist``, ``validate-datalist``,
-``make-pretrain-datalist`` and ``convert-dae-jsons`` (the last two in :mod:`dae.cli.pretrain_lists`).
+``make-pretrain-datalist``, ``convert-dae-jsons`` (these two in :mod:`dae.cli.pretrain_lists`) and ``pretrain-report``
+(:mod:`dae.cli.run_report`).
 
 Exit codes: 0 success, 1 bad data (unpairable files, too few patients, volumes of unknown modality, missing files,
 invalid datalist), 2 bad arguments.
@@ -15,7 +16,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dae.cli import pretrain_lists
+from dae.cli import pretrain_lists, run_report
 from dae.data.datalist import DatalistError, load_datalist, read_class_names
 from dae.data.deep_check import deep_check_lists
 from dae.data.labels import BTCV_CLASSES, FETA_CLASSES
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="for --deep: label values must lie in 0..K-1 (default: the size of the datalist's 'labels' map, if any)",
     )
     pretrain_lists.add_commands(commands)
+    run_report.add_commands(commands)
     return parser
 
 
@@ -281,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit code: 0 on success, 1 when the data are unusable (the error is printed to stderr).
+        The exit code: 0 on success, 1 when the data are unusable or a file is missing (the error is printed to
+        stderr).
     """
     args = build_parser().parse_args(argv)
     try:
@@ -291,9 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _make_xray_datalist(args)
         elif args.command in pretrain_lists.COMMANDS:
             pretrain_lists.run(args)
+        elif args.command in run_report.COMMANDS:
+            run_report.run(args)
         else:
             _validate(args)
-    except (DatalistError, ValueError) as e:
+    except (DatalistError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -35,13 +35,26 @@ from dae.utils.schedules import CosineSchedule
 from dae.utils.seed import restore_rng_state
 from dae.utils.tensors import plain_tensor
 
-__all__ = ["DinoTrainer"]
+__all__ = ["ONE_HOT_ENTROPY_THRESHOLD", "UNIFORM_KL_THRESHOLD", "DinoTrainer", "teacher_collapse"]
 
 logger = logging.getLogger(__name__)
 
 #: collapse alarms on the epoch means: teacher KL to the uniform distribution, and teacher entropy (nats)
-_UNIFORM_KL = 0.05
-_ONE_HOT_ENTROPY = 0.05
+UNIFORM_KL_THRESHOLD = 0.05
+ONE_HOT_ENTROPY_THRESHOLD = 0.05
+
+
+def teacher_collapse(means: Mapping[str, float]) -> str | None:
+    """Which collapse an epoch's means show: ``"uniform"`` (teacher KL to uniform below
+    :data:`UNIFORM_KL_THRESHOLD`), ``"one-hot"`` (teacher entropy below :data:`ONE_HOT_ENTROPY_THRESHOLD`), or None.
+
+    The loss alone is no sign: a sharp teacher and a flat student also give a loss close to ln K.
+    """
+    if means["teacher_kl_uniform"] < UNIFORM_KL_THRESHOLD:
+        return "uniform"
+    if means["teacher_entropy"] < ONE_HOT_ENTROPY_THRESHOLD:
+        return "one-hot"
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -201,8 +214,8 @@ class DinoTrainer(Trainer):
         return means
 
     def _warn_collapse(self, means: Mapping[str, float]) -> None:
-        # The loss alone is no sign: a sharp teacher and a flat student also give a loss close to ln K.
-        if means["teacher_kl_uniform"] < _UNIFORM_KL:
+        collapse = teacher_collapse(means)
+        if collapse == "uniform":
             logger.warning(
                 "epoch %d: the teacher output is close to uniform (KL to uniform %.4f nats, loss %.4f, ln K %.4f): "
                 "a uniform collapse. Usual remedies: a lower teacher_temp, BatchNorm in the head, a higher "
@@ -212,7 +225,7 @@ class DinoTrainer(Trainer):
                 means["loss"],
                 means["uniform_loss"],
             )
-        elif means["teacher_entropy"] < _ONE_HOT_ENTROPY:
+        elif collapse == "one-hot":
             logger.warning(
                 "epoch %d: the teacher output is nearly one-hot (entropy %.4f nats): a collapse to one prototype. "
                 "Usual remedies: a higher teacher_temp or centring momentum, a larger batch.",
