@@ -1,6 +1,6 @@
 """Training engine: the shared loop and its one step, the DAE, DINO and segmentation trainers, the optimizers."""
 
-from dae.engine.dino import DinoTrainer
+from dae.engine.dino import DinoTrainer, teacher_collapse
 from dae.engine.dino_steps import cancel_last_layer_gradients, update_teacher
 from dae.engine.lars import LARS
 from dae.engine.optim import OPTIMIZERS, build_optimizer, fused_option, param_groups, scaled_lr
@@ -24,5 +24,6 @@ __all__ = [
     "fused_option",
     "param_groups",
     "scaled_lr",
+    "teacher_collapse",
     "update_teacher",
 ]
