@@ -97,23 +97,11 @@ def _dino(spec: Mapping[str, Any]) -> nn.Module:
             in_chans=spec.get("in_chans", 3),
             img_size=spec.get("img_size", 224),
         )
+    options = {key: spec.get(key) for key in ("arch", "patch_size", "in_chans", "img_size")}
+    options["checkpoint_key"] = spec.get("checkpoint_key", "teacher")
     if spec.get("random_init", False):
-        return backbone_like(
-            spec["checkpoint"],
-            arch=spec.get("arch"),
-            patch_size=spec.get("patch_size"),
-            in_chans=spec.get("in_chans"),
-            img_size=spec.get("img_size"),
-            checkpoint_key=spec.get("checkpoint_key", "teacher"),
-        )
-    backbone, _ = load_backbone(
-        spec["checkpoint"],
-        arch=spec.get("arch"),
-        patch_size=spec.get("patch_size"),
-        in_chans=spec.get("in_chans"),
-        img_size=spec.get("img_size"),
-        checkpoint_key=spec.get("checkpoint_key", "teacher"),
-    )
+        return backbone_like(spec["checkpoint"], **options)
+    backbone, _ = load_backbone(spec["checkpoint"], **options)
     return backbone
 
 
