@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from monai.bundle import ConfigParser
 from dae.bundle.launch import replace_value
 from dae.errors import ConfigError
 from dae.utils.config import str2bool
+from dae.utils.paths import is_writable_folder
 
 __all__ = ["FLAGS", "SETTINGS", "Setting", "check_settings"]
 
@@ -101,22 +101,10 @@ def _positive_ints(count: int | None = None) -> Setting:
     )
 
 
-def _writable_folder(value: Any) -> bool:
-    """Create the folder and write a file in it: permission bits say too little (root may write anywhere)."""
-    if not isinstance(value, str | os.PathLike):
-        return False
-    try:
-        Path(value).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=value):
-            return True
-    except OSError:
-        return False
-
-
 _FILE = Setting("an existing file", lambda v: isinstance(v, str | os.PathLike) and Path(v).is_file())
 _OPTIONAL_FILE = Setting(_FILE.expected, _FILE.accepts, nullable=True)
 _FOLDER = Setting("an existing folder", lambda v: isinstance(v, str | os.PathLike) and Path(v).is_dir())
-_WRITABLE = Setting("a folder that can be created and written", _writable_folder)
+_WRITABLE = Setting("a folder that can be created and written", is_writable_folder)
 
 SETTINGS: dict[str, Setting] = {
     # run length and batches

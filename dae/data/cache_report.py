@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 from dae.data.cache_modes import CACHE_MODES, smart_window_sizes, validation_cache_mode
 from dae.data.datalist import estimate_cache_bytes
 from dae.errors import CacheSizeError, ConfigError, DiskSpaceError
+from dae.utils.paths import free_disk_bytes, is_writable_folder
 from dae.utils.sizes import format_bytes
 
 __all__ = ["CACHE_MARGIN", "CacheEstimate", "available_memory_bytes", "check_cache_size"]
@@ -64,22 +63,6 @@ def available_memory_bytes() -> int:
     except (OSError, ValueError):
         pass
     return max(available, 0)
-
-
-def _free_disk_bytes(folder: Path) -> int:
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    return shutil.disk_usage(existing).free
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def check_cache_size(
@@ -134,7 +117,7 @@ def check_cache_size(
     if cache == "smart" and cache_num is None:
         raise ConfigError("cache_num: cache 'smart' needs the number of volumes kept in memory")
     folder = Path(cache_dir) if cache_dir is not None else None
-    if cache == "disk" and (folder is None or not _writable(folder)):
+    if cache == "disk" and (folder is None or not is_writable_folder(folder)):
         raise ConfigError(f"cache_dir: cache 'disk' needs a folder that can be created and written, got {cache_dir!r}")
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     ram = disk = 0
@@ -192,7 +175,7 @@ def _refuse_if_too_large(
                 + _alternatives(cache, sizes_by_list, limit, ranks, replace_rate)
             )
     if estimate.disk_bytes and folder is not None:
-        limit = budget_gb * _GIB if given else _free_disk_bytes(folder)
+        limit = budget_gb * _GIB if given else free_disk_bytes(folder)
         if estimate.disk_bytes > CACHE_MARGIN * limit:
             what = f"the budget of {budget_gb:g} GiB (cache_budget_gb)" if given else f"{format_bytes(limit)} free"
             raise DiskSpaceError(

@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from dae.errors import CheckpointContentError, CheckpointError, CheckpointNotFoundError, DiskSpaceError
 from dae.utils.config import resolve_flag
 from dae.utils.dist import is_main_process
+from dae.utils.paths import free_disk_bytes
 from dae.utils.sizes import format_bytes
 
 __all__ = [
@@ -106,7 +106,7 @@ def _write_error(path: Path, err: BaseException, existed: bool) -> CheckpointErr
         reason = f"torch's writer stopped part-way ({detail}), as it does when the disk fills up"
     previous = f"the previous {path.name} is unchanged" if existed else f"no {path.name} was written"
     return CheckpointError(
-        f"could not write checkpoint {path}: {reason}; {format_bytes(_free_bytes(path.parent))} free in "
+        f"could not write checkpoint {path}: {reason}; {format_bytes(free_disk_bytes(path.parent))} free in "
         f"{path.parent}; {previous}",
         advice=f"free space in {path.parent} (or make it writable) or choose another --output_dir, then launch again",
     )
@@ -305,18 +305,10 @@ def prepare_checkpoint_dir(
     folder = Path(output_dir) / "checkpoints"
     remove_stale_temporaries(folder)
     size = estimate_checkpoint_bytes(*modules, optimizer_moments=optimizer_moments)
-    needed, free = CHECKPOINT_SPACE_MARGIN * size, _free_bytes(folder)
+    needed, free = CHECKPOINT_SPACE_MARGIN * size, free_disk_bytes(folder)
     if free < needed:
         raise DiskSpaceError(
             f"{folder} has {format_bytes(free)} free, but the next checkpoint write needs about "
             f"{format_bytes(needed)} ({CHECKPOINT_SPACE_MARGIN} x {format_bytes(size)} per checkpoint)"
         )
     logger.info("checkpoints in %s: about %s each, %s free", folder, format_bytes(size), format_bytes(free))
-
-
-def _free_bytes(folder: Path) -> int:
-    """Free bytes on the disk of ``folder``, or of its nearest existing parent when it does not exist."""
-    folder = folder.absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
