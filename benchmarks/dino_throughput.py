@@ -51,6 +51,8 @@ NETWORK_KEYS = (
     "local_crops_number",
     "out_dim",
     "use_bn_in_head",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
 )
 
 

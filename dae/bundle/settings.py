@@ -161,6 +161,8 @@ SETTINGS: dict[str, Setting] = {
     "global_crops_scale": _increasing_pair(0.0, 1.0),
     "local_crops_scale": _increasing_pair(0.0, 1.0),
     "out_dim": _integer(1),
+    "head_hidden_dim": _integer(1),
+    "head_bottleneck_dim": _integer(1),
     # objectives
     "mask_ratio": _number(0.0, 1.0),
     "mm_con": _number(0.0),

@@ -31,6 +31,8 @@ _SETTINGS = (
     "feature_size",
     "out_dim",
     "use_bn_in_head",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
     "global_crop_size",
     "local_crops_number",
     "roi_size",
