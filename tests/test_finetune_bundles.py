@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +38,14 @@ def tiny_pretraining_checkpoint(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module", params=["btcv_finetune", "feta_finetune"])
-def trained(request, tmp_path_factory) -> tuple[str, Path, str]:
-    """One epoch of a bundle's demo, initialised from a DAE pretraining checkpoint written here."""
+def trained(request, tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
+    """One epoch of a bundle's demo, initialised from a DAE pretraining checkpoint written here (removed after)."""
     bundle = request.param
     tmp = tmp_path_factory.mktemp(bundle)
     pretrained = tiny_pretraining_checkpoint(tmp / "dae.pt")
     proc = run_bundle(bundle, TRAIN, "--output_dir", str(tmp / "run"), *QUICK, "--pretrained", str(pretrained))
-    return bundle, tmp / "run", proc.stdout + proc.stderr
+    yield bundle, tmp / "run", proc.stdout + proc.stderr
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

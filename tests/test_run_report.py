@@ -16,9 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+def finished_run(module_tmp_path: Path) -> Path:
     """Two epochs of a tiny DINO run with a fake k-NN monitor: metrics, checkpoints and TensorBoard pictures."""
-    out = tmp_path_factory.mktemp("dino_run")
+    out = module_tmp_path / "dino_run"
+    out.mkdir()
     val_loader = DataLoader([{"image": torch.rand(3, 32, 32)} for _ in range(2)], batch_size=2)
     _dino(out, val_loader=val_loader, monitor=lambda backbone: {"knn_top1": 0.5}).run()
     return out

@@ -70,8 +70,8 @@ class TinyRun:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> TinyRun:
-    root = tmp_path_factory.mktemp("seg_test_sets")
+def tiny_run(module_tmp_path: Path) -> TinyRun:
+    root = module_tmp_path
     data, elsewhere, run = root / "data", root / "elsewhere", root / "run"
     for folder in (data, elsewhere):
         folder.mkdir()

@@ -13,9 +13,9 @@ from tests.bundle_cli import REPO, run_bundle
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> tuple[Path, Path]:
+def small_run(module_tmp_path: Path) -> tuple[Path, Path]:
     """A 4/3/3-per-class datalist of the shipped X-rays and a DINO checkpoint of a random ViT-T/16 in our format."""
-    folder = tmp_path_factory.mktemp("xray_eval")
+    folder = module_tmp_path
     full = json.loads((REPO / "jsons" / "xray_demo.json").read_text())
 
     def pick(split: str, n: int) -> list[dict]:
