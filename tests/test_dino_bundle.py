@@ -99,3 +99,22 @@ def test_two_process_gloo_ddp_run(tmp_path, small_datalist):
     state = load_checkpoint(out / "checkpoints" / "latest.pt")
     assert state["args"]["total_batch_size"] == 4
     assert not any(k.startswith("module.") for k in state["student"])
+
+
+@pytest.mark.parametrize("device_augmentation", [False, True])
+def test_photometric_augmentation_switches_off_both_places(device_augmentation: bool) -> None:
+    """``photometric_augmentation: false`` (the small-data recipe) leaves no photometric step in the loader or on
+    the device; otherwise they run in exactly one of the two places."""
+    from monai.bundle import ConfigParser
+
+    folder = REPO / "bundles" / "dino_xray" / "configs"
+    for overlays, photometric in ((DEMO, True), ((*DEMO, "small_data.yaml"), False)):
+        parser = ConfigParser()
+        parser.read_config([str(folder / name) for name in overlays])
+        parser["device_augmentation"] = device_augmentation
+        multicrop = parser.get_parsed_content("train#multicrop")
+        crop_augment = parser.get_parsed_content("crop_augment")
+        assert (multicrop.photometric, crop_augment.augment) == (
+            photometric and not device_augmentation,
+            photometric and device_augmentation,
+        )

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Higher is better, as the DINO k-NN monitor: best at epoch 3, then four validations without a better value.
 CURVE = [0.50, 0.55, 0.60, 0.58, 0.60, 0.59, 0.57, 0.70, 0.75, 0.80]
+INITIAL = 0.65  # the initial weights score better than the first epochs
 
 
 class Monitored(Toy):
@@ -24,11 +25,11 @@ class Monitored(Toy):
     best_mode = "max"
 
     def validate(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        return {"knn_top1": CURVE[self.epoch - 1]}, {}
+        return {"knn_top1": INITIAL if self.epoch == 0 else CURVE[self.epoch - 1]}, {}
 
 
 def monitored(out: Path, **kwargs: Any) -> Monitored:
-    return _toy(out, Monitored, max_epochs=len(CURVE), val_loader=_loader(), **kwargs)
+    return _toy(out, Monitored, **{"max_epochs": len(CURVE), "val_loader": _loader(), **kwargs})
 
 
 def test_stops_after_patience_validations_without_improvement(tmp_path: Path, caplog) -> None:
@@ -62,3 +63,23 @@ def test_patience_is_checked(tmp_path: Path) -> None:
         monitored(tmp_path, early_stop_patience=0)
     with pytest.raises(ValueError, match="needs a validation"):
         _toy(tmp_path, early_stop_patience=2)
+
+
+def test_initial_weights_are_epoch_zero_once_and_never_best(tmp_path: Path, caplog) -> None:
+    with caplog.at_level("INFO"):
+        history = monitored(tmp_path / "straight", validate_at_start=True, max_epochs=4).run()
+    assert history[0] == {"epoch": 0, "step": 0, "seconds": history[0]["seconds"], "val_knn_top1": INITIAL}
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]
+    assert "epoch 0 (initial weights)  | val knn_top1 0.6500" in caplog.text
+    assert load_checkpoint(tmp_path / "straight" / "checkpoints" / "best.pt")["epoch"] == 3  # 0.60, not 0.65
+
+    split = tmp_path / "split"
+    monitored(split, validate_at_start=True, max_epochs=4, epochs_per_run=2).run()
+    resumed = monitored(split, validate_at_start=True, max_epochs=4).run()  # no second epoch 0
+    assert [(h["epoch"], h.get("val_knn_top1")) for h in resumed] == [
+        (h["epoch"], h.get("val_knn_top1")) for h in history
+    ]
+    restarted = monitored(split, validate_at_start=True, max_epochs=4, resume=False).run()  # a fresh start
+    assert [h["epoch"] for h in restarted] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="validate_at_start needs a validation"):
+        _toy(tmp_path / "none", Monitored, max_epochs=2, validate_at_start=True)

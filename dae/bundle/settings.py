@@ -206,7 +206,9 @@ FLAGS = frozenset(
         "norm_last_layer",
         "use_bn_in_head",
         "device_augmentation",
+        "photometric_augmentation",
         "compare_random",
+        "validate_at_start",
     }
 )
 """Boolean keys: true/false, yes/no, 1/0, on/off are read as booleans, anything else is an error."""

@@ -23,7 +23,8 @@ class RunLog:
     """The records of one training run in ``output_dir``; nothing is written before :meth:`open` enables them.
 
     - ``metrics/train_steps.jsonl``: one line per iteration, ``{"step", "epoch", **record}``;
-    - ``metrics/epochs.jsonl``: one line per epoch, ``{"epoch", "step", "seconds", "train_*", "val_*"}``;
+    - ``metrics/epochs.jsonl``: one line per epoch, ``{"epoch", "step", "seconds", "train_*", "val_*"}``, and an
+      epoch-0 line with the ``val_*`` of the initial weights when the trainer validates them (:meth:`initial`);
     - ``tensorboard/``: ``train_step/*`` every ``log_interval`` iterations, ``train/*`` and ``val/*`` per epoch,
       and the pictures.
 
@@ -55,7 +56,8 @@ class RunLog:
         for name, key, last in (("train_steps.jsonl", "step", global_step), ("epochs.jsonl", "epoch", epoch)):
             path = self.metrics_dir / name
             if path.is_file():
-                lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)[key] <= last]
+                # a fresh start (last 0) keeps nothing, not even an epoch-0 record of the initial weights
+                lines = [ln for ln in path.read_text().splitlines() if ln and last > 0 and json.loads(ln)[key] <= last]
                 path.write_text("".join(ln + "\n" for ln in lines))
         self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=global_step or None)
 
@@ -108,6 +110,21 @@ class RunLog:
             message += "  | val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "/" not in k)
         logger.info("%s  [%.1fs]", message, seconds)
 
+    def initial(self, val: Mapping[str, float], seconds: float) -> None:
+        """Record the validation of the initial weights as epoch 0 (``{"epoch": 0, "step": 0, "val_*"}``)."""
+        if not self.enabled:
+            return
+        record: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": seconds}
+        record.update({f"val_{k}": v for k, v in val.items()})
+        with (self.metrics_dir / "epochs.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in val.items():
+                self.writer.add_scalar(f"val/{key}", value, 0)
+            self.writer.flush()
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "/" not in k)
+        logger.info("epoch 0 (initial weights)  | val %s  [%.1fs]", shown, seconds)
+
     def pictures(self, pictures: Mapping[str, torch.Tensor], epoch: int) -> None:
         """Write ``{tag: (C, H, W) picture in [0, 1]}`` to TensorBoard at ``epoch``."""
         if self.writer is not None:
@@ -124,8 +141,9 @@ class RunLog:
         if not self.enabled:
             return
         history = self.history()
-        if history:
-            first, last = history[0], history[-1]
+        trained = [h for h in history if h["epoch"] > 0]
+        if trained:
+            first, last = trained[0], trained[-1]
             for key in summary_keys:
                 if f"train_{key}" in first:
                     logger.info(
@@ -136,6 +154,7 @@ class RunLog:
                         last["epoch"],
                         last[f"train_{key}"],
                     )
+        if history:
             val_epochs = [h for h in history if f"val_{best_metric}" in h]
             if val_epochs:
                 logger.info(

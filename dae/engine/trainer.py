@@ -105,6 +105,8 @@ class Trainer:
             channels-last layout (``torch.channels_last`` / ``channels_last_3d``), which tensor-core
             convolutions prefer; the same numbers, another memory order.
         compile: compile the network with ``torch.compile`` (in place: checkpoints keep their keys).
+        validate_at_start: a fresh run validates its initial weights first and records them as epoch 0 (metrics,
+            TensorBoard, pictures): the reference that training has to beat. Epoch 0 never becomes ``best.pt``.
     """
 
     #: validation metric that selects ``best.pt``, and whether lower (``"min"``) or higher is better
@@ -144,6 +146,7 @@ class Trainer:
         early_stop_patience: int | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        validate_at_start: bool = False,
     ) -> None:
         self.amp, self.amp_dtype = amp, amp_dtype(amp)
         if clip_mode not in CLIP_MODES:
@@ -178,6 +181,9 @@ class Trainer:
         self.epochs_per_run = epochs_per_run
         self.progress = progress
         self.early_stop_patience = early_stop_patience
+        self.validate_at_start = resolve_flag(validate_at_start, "validate_at_start")
+        if self.validate_at_start and val_loader is None:
+            raise ValueError("validate_at_start needs a validation (val_loader)")
         self.rank = get_rank()
 
         self.steps_per_epoch = len(train_loader)
@@ -351,6 +357,14 @@ class Trainer:
         )
         return True
 
+    def _validate_initial_weights(self) -> None:
+        """Validate the weights the run starts from and record them as epoch 0."""
+        start = time.perf_counter()
+        val, pictures = self.validate()
+        self.log.initial(val, time.perf_counter() - start)
+        if self.image_interval and is_main_process():
+            self.log.pictures(pictures, 0)
+
     def _improved(self, value: float) -> bool:
         return value < self.best_value if self.best_mode == "min" else value > self.best_value
 
@@ -523,6 +537,8 @@ class Trainer:
             f"{self.epoch} on {self.device} (amp={self.amp}), output {self.output_dir}"
         )
         self.log.open(self.global_step, self.epoch, headline, enabled=is_main_process())
+        if self.validate_at_start and self.epoch == 0:
+            self._validate_initial_weights()
         last = (
             self.max_epochs if self.epochs_per_run is None else min(self.max_epochs, self.epoch + self.epochs_per_run)
         )

@@ -131,12 +131,14 @@ def _collapse_section(last: Mapping[str, Any]) -> list[str]:
 
 
 def _monitor_line(epochs: Sequence[Mapping[str, Any]]) -> list[str]:
-    scored = [e for e in epochs if "val_knn_top1" in e]
+    scored = [e for e in epochs if "val_knn_top1" in e and e["epoch"] > 0]
+    initial = [e["val_knn_top1"] for e in epochs if "val_knn_top1" in e and e["epoch"] == 0]
     if not scored:
         return []
     best = max(scored, key=lambda e: e["val_knn_top1"])
+    start = f"initial weights {initial[0]:.4f} (epoch 0), " if initial else ""
     return [
-        f"k-NN monitor (top-1 on the validation list): first {scored[0]['val_knn_top1']:.4f} (epoch "
+        f"k-NN monitor (top-1 on the validation list): {start}first {scored[0]['val_knn_top1']:.4f} (epoch "
         f"{scored[0]['epoch']}), best {best['val_knn_top1']:.4f} (epoch {best['epoch']}, `best.pt`), last "
         f"{scored[-1]['val_knn_top1']:.4f} (epoch {scored[-1]['epoch']}).",
         "",
