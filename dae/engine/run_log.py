@@ -56,8 +56,9 @@ class RunLog:
         for name, key, last in (("train_steps.jsonl", "step", global_step), ("epochs.jsonl", "epoch", epoch)):
             path = self.metrics_dir / name
             if path.is_file():
-                # a fresh start (last 0) keeps nothing, not even an epoch-0 record of the initial weights
-                lines = [ln for ln in path.read_text().splitlines() if ln and last > 0 and json.loads(ln)[key] <= last]
+                lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)[key] <= last]
+                if last == 0:  # a fresh start keeps nothing, not even an epoch-0 record of the initial weights
+                    lines = []
                 path.write_text("".join(ln + "\n" for ln in lines))
         self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=global_step or None)
 
@@ -89,17 +90,7 @@ class RunLog:
         """Record the means of finished epoch ``epoch`` and its validation, and log one line about them."""
         if not self.enabled:
             return
-        record: dict[str, Any] = {"epoch": epoch, "step": global_step, "seconds": seconds}
-        record.update({f"train_{k}": v for k, v in train.items()})
-        record.update({f"val_{k}": v for k, v in (val or {}).items()})
-        with (self.metrics_dir / "epochs.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in train.items():
-                self.writer.add_scalar(f"train/{key}", value, epoch)
-            for key, value in (val or {}).items():
-                self.writer.add_scalar(f"val/{key}", value, epoch)
-            self.writer.flush()
+        self._record_epoch(epoch, global_step, seconds, {"train": train, "val": val or {}})
         parts = ", ".join(f"{k} {v:.4f}" for k, v in train.items() if k not in _SHOWN_APART)
         message = f"epoch {epoch}/{max_epochs}  train loss {train['loss']:.4f}"
         message += f" ({parts})" if parts else ""
@@ -107,23 +98,30 @@ class RunLog:
             f"  lr {train['lr']:.2e}  grad-norm {train['grad_norm']:.3f}  data-wait {train['data_wait_fraction']:.0%}"
         )
         if val is not None:
-            message += "  | val " + ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "/" not in k)
+            message += "  | val " + _scalars(val)
         logger.info("%s  [%.1fs]", message, seconds)
 
     def initial(self, val: Mapping[str, float], seconds: float) -> None:
         """Record the validation of the initial weights as epoch 0 (``{"epoch": 0, "step": 0, "val_*"}``)."""
         if not self.enabled:
             return
-        record: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": seconds}
-        record.update({f"val_{k}": v for k, v in val.items()})
+        self._record_epoch(0, 0, seconds, {"val": val})
+        logger.info("epoch 0 (initial weights)  | val %s  [%.1fs]", _scalars(val), seconds)
+
+    def _record_epoch(
+        self, epoch: int, global_step: int, seconds: float, groups: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """One line of ``epochs.jsonl`` and the TensorBoard scalars of ``{"train": ..., "val": ...}``."""
+        record: dict[str, Any] = {"epoch": epoch, "step": global_step, "seconds": seconds}
+        for group, values in groups.items():
+            record.update({f"{group}_{k}": v for k, v in values.items()})
         with (self.metrics_dir / "epochs.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key, value in val.items():
-                self.writer.add_scalar(f"val/{key}", value, 0)
+            for group, values in groups.items():
+                for key, value in values.items():
+                    self.writer.add_scalar(f"{group}/{key}", value, epoch)
             self.writer.flush()
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if "/" not in k)
-        logger.info("epoch 0 (initial weights)  | val %s  [%.1fs]", shown, seconds)
 
     def pictures(self, pictures: Mapping[str, torch.Tensor], epoch: int) -> None:
         """Write ``{tag: (C, H, W) picture in [0, 1]}`` to TensorBoard at ``epoch``."""
@@ -171,3 +169,8 @@ class RunLog:
             self.writer.close()
             self.writer = None
         self.enabled = False
+
+
+def _scalars(values: Mapping[str, float]) -> str:
+    """``"name 0.1234, ..."`` of the validation metrics shown in the log (per-class ``a/b`` keys left out)."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "/" not in k)
