@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"utils", "data", "disruptions", "losses", "models"},
     "evaluation": {"utils", "data", "models", "engine"},
     "bundle": {"utils"},
+    "logsam": {"utils", "data", "models", "engine", "evaluation"},
     "cli": {"utils", "data", "disruptions", "losses", "models", "engine", "evaluation"},
 }
 

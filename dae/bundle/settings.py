@@ -62,8 +62,8 @@ def _number(low: float, high: float = math.inf, open_low: bool = False, nullable
     return Setting(text, lambda v: _is_number(v) and (v > low if open_low else v >= low) and v <= high, nullable)
 
 
-def _choice(*options: str) -> Setting:
-    return Setting(f"one of {', '.join(options)}", lambda v: v in options)
+def _choice(*options: str, nullable: bool = False) -> Setting:
+    return Setting(f"one of {', '.join(options)}", lambda v: v in options, nullable)
 
 
 def _numbers(count: int, positive: bool, nullable: bool = False) -> Setting:
@@ -175,6 +175,21 @@ SETTINGS: dict[str, Setting] = {
     "loss_type": _choice("l1", "l2"),
     "data_check": Setting("one of deep, basic, off", lambda v: v in ("deep", "basic", "off") or v is False),
     "n_boot": _integer(0),
+    # dictation to mask (logsam)
+    "segmenter_kind": _choice("lite-medsam", "sam"),
+    "transcriber_kind": _choice("faster-whisper", "openai-whisper", "hf-whisper", nullable=True),
+    "beam_size": _integer(1),
+    "min_score": _number(0.0, 1.0),
+    "threshold": _number(0.0, 1.0),
+    "flip_probability": _number(0.0, 1.0),
+    "dice_weight": _number(0.0),
+    "pos_weight": _number(0.0, open_low=True),
+    "negative_rate": _number(0.0),
+    "box_threshold": _number(0.0, 1.0),
+    "text_threshold": _number(0.0, 1.0),
+    "lora_rank": _integer(1),
+    "lora_alpha": _number(0.0, open_low=True),
+    "lora_dropout": _number(0.0, 1.0),
     # paths
     "dataset_dir": _FOLDER,
     "datalist": _FILE,
@@ -185,6 +200,10 @@ SETTINGS: dict[str, Setting] = {
     "checkpoint": _FILE,
     "pretrained_weights": _OPTIONAL_FILE,
     "resume_from": _OPTIONAL_FILE,
+    "classes": _OPTIONAL_FILE,
+    "infer_datalist": _OPTIONAL_FILE,
+    "infer_image": _OPTIONAL_FILE,
+    "infer_dictation": _OPTIONAL_FILE,
 }
 """Rules by key name; a bundle's key of one of these names is checked before its data are read."""
 
@@ -209,6 +228,7 @@ FLAGS = frozenset(
         "photometric_augmentation",
         "compare_random",
         "validate_at_start",
+        "all_classes",
     }
 )
 """Boolean keys: true/false, yes/no, 1/0, on/off are read as booleans, anything else is an error."""
