@@ -92,7 +92,7 @@ def setup(module_tmp_path):
         "--dataset_dir", str(data), "--datalist", str(root / "list.json"),
         "--segmenter_kind", "sam", "--segmenter_path", str(root / "sam"),
         "--text_encoder_dir", str(root / "bert"), "--embedding_cache", str(root / "embeddings"),
-        "--image_channels", "16", "--hidden", "8", "--transcriber_kind", "None",
+        "--image_channels", "16", "--hidden", "8", "--transcriber_kind", "none",
         "--output_dir", str(root / "run"), "--num_workers", "0",
     ]  # fmt: skip
     run_bundle("logsam", ("train.yaml",), *common, "--epochs", "2", "--batch_size", "2", "--val_interval", "1")

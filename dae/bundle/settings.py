@@ -177,7 +177,7 @@ SETTINGS: dict[str, Setting] = {
     "n_boot": _integer(0),
     # dictation to mask (logsam)
     "segmenter_kind": _choice("lite-medsam", "sam"),
-    "transcriber_kind": _choice("faster-whisper", "openai-whisper", "hf-whisper", nullable=True),
+    "transcriber_kind": _choice("faster-whisper", "openai-whisper", "hf-whisper", "none", nullable=True),
     "beam_size": _integer(1),
     "min_score": _number(0.0, 1.0),
     "threshold": _number(0.0, 1.0),

@@ -142,7 +142,8 @@ def dictation_transcriber(
     """The speech recogniser of a bundle run, prompted with the class table's terms in each of its languages.
 
     Args:
-        kind: ``"faster-whisper"``, ``"openai-whisper"``, ``"hf-whisper"``, or None (text dictations only).
+        kind: ``"faster-whisper"``, ``"openai-whisper"``, ``"hf-whisper"``, or ``"none"`` / None (typed reports
+            only).
         path: the model folder or file; None with ``faster-whisper``: the packaged Whisper base, assembled (sha256
             checked) under ``model_cache``.
         model_cache: folder for the assembled packaged model.
@@ -154,7 +155,7 @@ def dictation_transcriber(
     Raises:
         ValueError: for a kind other than faster-whisper without a path.
     """
-    if kind is None:
+    if kind is None or kind == "none":
         return None
     if path is None:
         if kind != "faster-whisper":
