@@ -184,6 +184,7 @@ SETTINGS: dict[str, Setting] = {
     "flip_probability": _number(0.0, 1.0),
     "dice_weight": _number(0.0),
     "pos_weight": _number(0.0, open_low=True),
+    "peak_weight": _number(0.0),
     "negative_rate": _number(0.0),
     "box_threshold": _number(0.0, 1.0),
     "text_threshold": _number(0.0, 1.0),

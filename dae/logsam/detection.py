@@ -106,7 +106,7 @@ class HeatmapBoxDetector:
         prompt_embeddings: torch.Tensor,
         class_names: Sequence[str],
         captions: Sequence[str],
-        threshold: float = 0.5,
+        threshold: float = 0.3,
         min_score: float = 0.0,
     ) -> None:
         if (

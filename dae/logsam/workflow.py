@@ -114,7 +114,7 @@ def load_heatmap_detector(
     prompts: ClassPrompts,
     image_channels: int = 256,
     hidden: int = 64,
-    threshold: float = 0.5,
+    threshold: float = 0.3,
     min_score: float = 0.0,
     device: str | torch.device = "cpu",
 ) -> HeatmapBoxDetector:
