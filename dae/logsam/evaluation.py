@@ -86,11 +86,19 @@ def _score_case(
     source, dictation = _dictation(entry, pipeline)
     result = pipeline(image, language=entry.get("language"), embedding=embedding, **dictation)
 
-    detection = pipeline.detector.detect(image, true_class, embedding=embedding)
-    boxes = [true_box] if detection.best is None else [detection.best.box, true_box]
+    # The detection with the true class as prompt: the pipeline's own when the dictation named that class.
+    reuse = result.detection is not None and result.prompt.tumour_class == true_class
+    detection = result.detection if reuse else pipeline.detector.detect(image, true_class, embedding=embedding)
+    predicted_mask = result.mask if reuse else None
+    boxes = [true_box] if detection.best is None or predicted_mask is not None else [detection.best.box, true_box]
     segmented = pipeline.segmenter.segment(embedding, np.stack(boxes))
     dice_true, iou_true = mask_dice_iou(segmented.masks[-1], true_mask)
-    dice_pred, iou_pred = mask_dice_iou(segmented.masks[0], true_mask) if detection.best is not None else (0.0, 0.0)
+    if detection.best is None:
+        dice_pred, iou_pred = 0.0, 0.0
+    else:
+        dice_pred, iou_pred = mask_dice_iou(
+            predicted_mask if predicted_mask is not None else segmented.masks[0], true_mask
+        )
     dice_fill, iou_fill = mask_dice_iou(box_mask(true_box, true_mask.shape), true_mask)
     scores = detection.class_scores
     if dictated == HEALTHY:
