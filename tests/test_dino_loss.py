@@ -221,3 +221,40 @@ def test_collapse_warnings_use_the_teacher_distribution_not_the_loss(caplog):
         caplog.clear()
         DinoTrainer._warn_collapse(trainer, {**base, "teacher_kl_uniform": 6.9, "teacher_entropy": 0.01})
         assert "one-hot" in caplog.text
+
+
+def test_koleo_by_hand_on_the_unit_circle() -> None:
+    from dae.losses import KoLeoLoss
+
+    angles = torch.tensor([0.0, 0.1, math.pi])
+    points = torch.stack([angles.cos(), angles.sin()], dim=1)
+    # nearest neighbours: 0 <-> 0.1, and pi -> 0.1 (chord 2 cos(0.05) against 2 for the point at 0)
+    expected = -(2 * math.log(2 * math.sin(0.05)) + math.log(2 * math.cos(0.05))) / 3
+    loss = KoLeoLoss()(points * torch.tensor([[3.0], [0.5], [7.0]]))  # the norms do not matter
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_koleo_gradient_spreads_the_batch_and_stays_finite() -> None:
+    from dae.losses import KoLeoLoss
+
+    torch.manual_seed(0)
+    base = torch.randn(6, 8)
+    points = torch.cat([base, base[:1]]).requires_grad_(True)  # a duplicate: large but finite loss
+    koleo = KoLeoLoss()
+    loss = koleo(points)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(points.grad).all()
+
+    spread = base.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([spread], lr=0.05)
+    before = koleo(spread).item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        koleo(spread).backward()
+        optimizer.step()
+    assert koleo(spread).item() < before
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert koleo(spread.detach().bfloat16()).dtype == torch.float32
+    with pytest.raises(ValueError, match="B >= 2"):
+        koleo(torch.randn(1, 8))

@@ -228,5 +228,10 @@ def test_multicrop_groups_by_resolution_in_order(vit: VisionTransformer2D) -> No
         single = wrapper(crops[0])
     torch.testing.assert_close(out, separate, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single, separate[:2], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        out_again, features = wrapper(crops, return_features=True)
+        backbone_features = torch.cat([vit(crop) for crop in crops])
+    torch.testing.assert_close(out_again, out)
+    torch.testing.assert_close(features, backbone_features, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="at least one"):
         wrapper([])

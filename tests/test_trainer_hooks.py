@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -287,3 +288,17 @@ def test_segmentation_trainer_calls_its_evaluator_with_the_network(tmp_path: Pat
     assert history[0]["val_mean_dice"] == history[1]["val_mean_dice"]
     with pytest.raises(ValueError, match="go together"):
         SegmentationTrainer(network, val_loader=DataLoader(items), **kwargs)
+
+
+def test_dino_trainer_adds_the_weighted_koleo_term(tmp_path: Path) -> None:
+    trainer = _dino(tmp_path, koleo_weight=0.1, log_interval=1)
+    trainer.run()
+    records = _steps(tmp_path)
+    assert records
+    for record in records:
+        assert math.isfinite(record["koleo"])
+        assert record["loss"] == pytest.approx(record["dino"] + 0.1 * record["koleo"], rel=1e-5)
+    _dino(tmp_path / "off").run()
+    assert all("koleo" not in record and "dino" not in record for record in _steps(tmp_path / "off"))
+    with pytest.raises(ValueError, match="koleo_weight"):
+        _dino(tmp_path / "bad", koleo_weight=-1.0)

@@ -5,7 +5,8 @@ One iteration, as in DINO (Caron et al. 2021) and DAX (Scheuplein et al. 2025):
 1. (:meth:`DinoTrainer.before_step`) set the learning rate (warm-up + cosine, all groups) and the weight
    decay (cosine, the decayed group);
 2. (:meth:`DinoTrainer.compute_losses`) the teacher sees only the 2 global crops, the student sees all
-   crops; the loss compares every teacher view with every other student view (fp32, whatever the autocast);
+   crops; the loss compares every teacher view with every other student view (fp32, whatever the autocast),
+   plus, optionally, DINOv2's KoLeo term on the student's backbone features of each global crop;
 3. back-propagate, clip each parameter's gradient separately, drop the last-layer gradients during the
    first ``freeze_last_layer`` epochs (:meth:`DinoTrainer.before_update`), step;
 4. (:meth:`DinoTrainer.after_step`) move the teacher towards the student by an EMA whose momentum rises
@@ -27,6 +28,7 @@ from torch import nn
 from dae.engine.dino_steps import cancel_last_layer_gradients, update_teacher
 from dae.engine.trainer import Trainer
 from dae.losses.dino import DINOLoss
+from dae.losses.koleo import KoLeoLoss
 from dae.models.backbone2d import backbone_config, is_vit
 from dae.models.multicrop import MultiCropWrapper
 from dae.utils.performance import channels_last_module, compile_module
@@ -90,6 +92,9 @@ class DinoTrainer(Trainer):
             :class:`dae.data.device_augment.CropAugment` (uint8 to float, channels, normalisation, and
             optionally the colour, blur and solarise augmentation of the whole batch on the GPU); its
             ``state_dict`` (a generator) is checkpointed when it has one.
+        koleo_weight: weight of DINOv2's KoLeo term (:class:`~dae.losses.KoLeoLoss`) on the student's backbone
+            features, computed per global crop and summed over the two, as in DINOv2 (which uses 0.1); 0: off,
+            as in DINO. When on, ``koleo`` (unweighted) and ``dino`` are logged next to the total ``loss``.
         monitor: the validation, ``teacher backbone -> {"knn_top1": ..., ...}``; required with ``val_loader``.
         image_key: batch key of the images of ``val_loader`` (for the attention maps).
         attention_images: how many fixed validation images show their attention maps (ViTs only).
@@ -119,6 +124,7 @@ class DinoTrainer(Trainer):
         freeze_last_layer: int = 1,
         crops_key: str = "crops",
         crop_transform: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+        koleo_weight: float = 0.0,
         monitor: Callable[[nn.Module], Mapping[str, float]] | None = None,
         image_key: str = "image",
         attention_images: int = 4,
@@ -140,6 +146,10 @@ class DinoTrainer(Trainer):
             channels_last_module(self.teacher)
         compile_module(self.teacher, self.compile)
         self.crop_transform = crop_transform
+        if koleo_weight < 0:
+            raise ValueError(f"koleo_weight must be >= 0, got {koleo_weight}")
+        self.koleo_weight = koleo_weight
+        self.koleo = KoLeoLoss() if koleo_weight > 0 else None
         self.loss_function = loss_function.to(self.device)
         self.freeze_last_layer = freeze_last_layer
         self.crops_key = crops_key
@@ -182,7 +192,8 @@ class DinoTrainer(Trainer):
         return {**scheduled, "wd": wd, "momentum": self.momentum_schedule(self.global_step)}
 
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The DINO loss (teacher on the 2 global crops, student on all) and, at log steps, its diagnostics."""
+        """The DINO loss (teacher on the 2 global crops, student on all), plus the weighted KoLeo term when on,
+        and, at log steps, the diagnostics."""
         crops = [plain_tensor(c).to(self.device, non_blocking=True) for c in batch[self.crops_key]]
         if len(crops) != self.loss_function.ncrops:
             raise ValueError(
@@ -195,8 +206,16 @@ class DinoTrainer(Trainer):
             self._last_crops = [c[:1].clone() for c in crops]
         with self.autocast():
             teacher_output = self.teacher(crops[:2])  # only the 2 global views pass through the teacher
-            student_output = self.ddp_model(crops)
+            if self.koleo is None:
+                student_output = self.ddp_model(crops)
+            else:
+                student_output, student_features = self.ddp_model(crops, return_features=True)
         loss, metrics = self.loss_function(student_output, teacher_output, self.epoch, diagnostics=self.log_step)
+        if self.koleo is not None:
+            globals_ = student_features[: 2 * crops[0].shape[0]].chunk(2)
+            koleo = sum(self.koleo(features) for features in globals_)
+            metrics |= {"dino": loss.detach(), "koleo": koleo.detach()}
+            loss = loss + self.koleo_weight * koleo
         return {"loss": loss, **metrics}
 
     def before_update(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dae.losses.contrastive import SupervisedContrastiveLoss
 from dae.losses.dae import DAELoss
 from dae.losses.dino import DINOLoss
+from dae.losses.koleo import KoLeoLoss
 from dae.losses.reconstruction import ReconstructionLoss
 
-__all__ = ["DAELoss", "DINOLoss", "ReconstructionLoss", "SupervisedContrastiveLoss"]
+__all__ = ["DAELoss", "DINOLoss", "KoLeoLoss", "ReconstructionLoss", "SupervisedContrastiveLoss"]

@@ -23,16 +23,21 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, crops: list[torch.Tensor] | torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the backbone once per run of consecutive crops of equal spatial size, then the head once.
 
         Args:
             crops: one batch (B, C, H, W) or a list of batches, e.g. ``[global1, global2, local1, ...]`` where
                 each entry holds the same view of every image in the batch.
+            return_features: also return the backbone features the head received (e.g. for a regulariser on
+                them such as :class:`~dae.losses.KoLeoLoss`).
 
         Returns:
             Head outputs, shape (sum of batch sizes, out_dim), in the order of ``crops``
-            (``[g1 batch, g2 batch, l1 batch, ...]``, as the DINO loss expects).
+            (``[g1 batch, g2 batch, l1 batch, ...]``, as the DINO loss expects); with ``return_features``, the
+            pair (head outputs, backbone features of shape (sum of batch sizes, D)) in the same order.
 
         Raises:
             ValueError: for an empty list.
@@ -47,5 +52,6 @@ class MultiCropWrapper(nn.Module):
                 groups[-1].append(crop)
             else:
                 groups.append([crop])
-        features = [self.backbone(torch.cat(group)) for group in groups]
-        return self.head(torch.cat(features))
+        features = torch.cat([self.backbone(torch.cat(group)) for group in groups])
+        output = self.head(features)
+        return (output, features) if return_features else output
