@@ -205,6 +205,13 @@ ROWS = [
         ("output_dir", "/proc/dae_run"),
     ),
     Row(
+        "mixed modalities on a rolling cache",
+        *PRETRAIN,
+        lambda d, o: _pretrain(d, o, cache="smart", mix_modalities=True),
+        ConfigError,
+        ("mix_modalities", "cache memory or disk"),
+    ),
+    Row(
         "missing datalist",
         *PRETRAIN,
         lambda d, o: {**_pretrain(d, o), "datalist": str(o / "none.json")},

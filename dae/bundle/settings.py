@@ -171,6 +171,7 @@ SETTINGS: dict[str, Setting] = {
     "warmup_teacher_temp": _number(0.0, open_low=True),
     "student_temp": _number(0.0, open_low=True),
     "momentum_teacher": _number(0.0, 1.0),
+    "koleo_weight": _number(0.0),
     "center_momentum": _number(0.0, 1.0),
     "loss_type": _choice("l1", "l2"),
     "data_check": Setting("one of deep, basic, off", lambda v: v in ("deep", "basic", "off") or v is False),
@@ -230,6 +231,7 @@ FLAGS = frozenset(
         "compare_random",
         "validate_at_start",
         "all_classes",
+        "mix_modalities",
     }
 )
 """Boolean keys: true/false, yes/no, 1/0, on/off are read as booleans, anything else is an error."""
@@ -254,6 +256,16 @@ def _swin_problems(values: Mapping[str, Any]) -> list[str]:
     if width is not None and _is_int(width) and width % 12:
         problems.append(f"feature_size: {width} must be divisible by 12 (Swin UNETR)")
     return problems
+
+
+def _cache_problems(values: Mapping[str, Any]) -> list[str]:
+    """Settings that a rolling cache cannot serve: a mixed order needs samples that keep their indices."""
+    if values.get("mix_modalities") and values.get("cache") == "smart":
+        return [
+            "mix_modalities: true needs cache memory or disk: the smart cache's slots change volume every epoch, "
+            "so no order can mix their modalities (set mix_modalities: false with cache: smart)"
+        ]
+    return []
 
 
 def check_settings(parser: ConfigParser, overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
@@ -294,7 +306,7 @@ def check_settings(parser: ConfigParser, overrides: Mapping[str, Any] = ()) -> d
                 problems.append(f"  {key}{origin}: {reason}")
                 continue
         values[key] = value
-    problems += [f"  {p}" for p in _swin_problems(values)]
+    problems += [f"  {p}" for p in _swin_problems(values) + _cache_problems(values)]
     if problems:
         raise ConfigError(f"{len(problems)} setting(s) cannot be used:\n" + "\n".join(problems))
     return values

@@ -59,6 +59,7 @@ from dae.data.splits import (
     write_fold_files,
     write_test_file,
 )
+from dae.data.stratified_sampling import StratifiedEpochSampler, stratified_order
 from dae.data.test_sets import TestSet, load_test_set
 from dae.data.transforms import ScaleIntensityByModalityd
 from dae.data.xray import XRAY_EXTENSIONS, LoadXRayd, make_xray_datalist, read_xray
@@ -109,6 +110,7 @@ __all__ = [
     "SeededDataset",
     "SimpleITKReader",
     "Source",
+    "StratifiedEpochSampler",
     "TestSet",
     "XRayToUint8d",
     "assign_patients",
@@ -149,6 +151,7 @@ __all__ = [
     "sample_seeds",
     "scan_source",
     "seeded_loader",
+    "stratified_order",
     "totalsegmentator_to_btcv",
     "transform_fingerprint",
     "validate_datalist",

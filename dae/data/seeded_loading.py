@@ -11,7 +11,7 @@ and which of them loads a sample, and a resumed run needs only ``loader.sampler.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Hashable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,7 +29,8 @@ from torch.utils.data import (
     get_worker_info,
 )
 
-from dae.utils.dist import is_distributed
+from dae.data.stratified_sampling import StratifiedEpochSampler
+from dae.utils.dist import get_rank, get_world_size, is_distributed
 
 __all__ = ["EpochSampler", "EpochShuffleSampler", "SeededDataset", "sample_seeds", "seeded_loader"]
 
@@ -195,6 +196,7 @@ def seeded_loader(
     pin_memory: bool | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     prefetch_factor: int | None = None,
+    strata: Sequence[Hashable] | None = None,
 ) -> DataLoader:
     """A training loader whose batches are a function of ``(seed, epoch)`` only, with persistent workers.
 
@@ -221,6 +223,10 @@ def seeded_loader(
         collate_fn: batches from samples; None: MONAI's ``list_data_collate`` (flattens the lists of crops that
             ``num_samples`` transforms return), as MONAI's ``DataLoader``.
         prefetch_factor: batches loaded ahead per worker (None: PyTorch's default; only with workers).
+        strata: the stratum of every sample (e.g. its modality group): each epoch's order spreads every stratum
+            evenly (:class:`~dae.data.stratified_sampling.StratifiedEpochSampler`), so that every batch, and under
+            a process group every global batch, mixes them in proportion. Needs ``shuffle`` and a dataset whose
+            index -> sample mapping is fixed (not a rolling cache). None: a plain random order.
 
     Returns:
         A ``torch.utils.data.DataLoader`` with ``len(loader)`` batches per epoch, as a plain loader with the same
@@ -228,8 +234,9 @@ def seeded_loader(
 
     Raises:
         ValueError: for an empty dataset, a batch size under 1, a negative number of workers or seed, a
-            ``prefetch_factor`` without workers, ``num_replicas``/``rank`` with ``distributed=False``, or a loader
-            that would yield no batch.
+            ``prefetch_factor`` without workers, ``num_replicas``/``rank`` with ``distributed=False``, ``strata``
+            of another length than the dataset, without ``shuffle`` or over a rolling cache, or a loader that
+            would yield no batch.
         TypeError: for a dataset without a length.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -241,8 +248,24 @@ def seeded_loader(
     if distributed is False and explicit_ranks:
         raise ValueError("num_replicas and rank split the samples over ranks: they need distributed=True (or None)")
     seeded = SeededDataset(dataset, seed)
-    if distributed or (distributed is None and (explicit_ranks or is_distributed())):
-        indices: Sampler[int] = DistributedSampler(
+    split = bool(distributed or (distributed is None and (explicit_ranks or is_distributed())))
+    if strata is not None:
+        if not shuffle or getattr(dataset, "changes_every_epoch", False):
+            raise ValueError(
+                "strata need shuffle=True and a dataset whose samples keep their indices, not a rolling cache "
+                "(cache: smart) whose slots change content every epoch"
+            )
+        if len(strata) != len(seeded):
+            raise ValueError(f"strata name {len(strata)} samples but the dataset has {len(seeded)}")
+        indices: Sampler[int] = StratifiedEpochSampler(
+            strata,
+            seed,
+            batch_size=batch_size,
+            num_replicas=(num_replicas or get_world_size()) if split else 1,
+            rank=(get_rank() if rank is None else rank) if split else 0,
+        )
+    elif split:
+        indices = DistributedSampler(
             seeded, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
         )
     elif shuffle:
