@@ -62,3 +62,12 @@ def test_report_with_an_evaluation_shows_the_gain_over_random_init(finished_run:
 def test_report_names_what_is_missing(tmp_path: Path, capsys) -> None:
     assert main(["pretrain-report", str(tmp_path)]) == 1
     assert f"{tmp_path / 'metrics' / 'epochs.jsonl'} is missing" in capsys.readouterr().err
+
+
+def test_report_of_a_koleo_run_compares_the_dino_part_with_ln_k(tmp_path: Path) -> None:
+    _dino(tmp_path, koleo_weight=1.0).run()
+    assert main(["pretrain-report", str(tmp_path)]) == 0
+    last = json.loads((tmp_path / "metrics" / "epochs.jsonl").read_text().splitlines()[-1])
+    assert last["train_loss"] == pytest.approx(last["train_dino"] + last["train_koleo"], rel=1e-5)
+    row = next(line for line in (tmp_path / "report" / "index.md").read_text().splitlines() if "no collapse" in line)
+    assert f"| {last['train_dino']:.4f} | {last['train_uniform_loss']:.4f} |" in row

@@ -43,18 +43,21 @@ _SETTINGS = (
     "lr",
     "teacher_temp",
     "momentum_teacher",
+    "koleo_weight",
     "epochs",
     "seed",
 )
 #: curve panels: title -> the epoch-record keys drawn in it (those present)
 _PANELS = {
-    "loss": ("train_loss", "val_loss", "train_uniform_loss"),
+    "loss": ("train_loss", "train_dino", "train_koleo", "val_loss", "train_uniform_loss"),
     "reconstruction and contrastive": ("train_reconstruction", "val_reconstruction", "train_contrastive"),
     "k-NN monitor (validation)": ("val_knn_top1",),
     "teacher and student": ("train_teacher_entropy", "train_student_entropy", "train_teacher_kl_uniform"),
 }
 _LABELS = {
     "train_uniform_loss": "ln K (uniform teacher)",
+    "train_dino": "DINO part (compare with ln K)",
+    "train_koleo": "KoLeo term (unweighted)",
     "val_knn_top1": "k-NN top-1 accuracy",
     "train_teacher_kl_uniform": "teacher KL to uniform",
 }
@@ -117,10 +120,10 @@ def _collapse_section(last: Mapping[str, Any]) -> list[str]:
     return [
         "## Collapse diagnostics (last epoch)",
         "",
-        "| teacher entropy | student entropy | teacher KL to uniform | loss | ln K | verdict |",
+        "| teacher entropy | student entropy | teacher KL to uniform | DINO loss | ln K | verdict |",
         "|---|---|---|---|---|---|",
         f"| {means['teacher_entropy']:.4f} | {means.get('student_entropy', math.nan):.4f} | "
-        f"{means['teacher_kl_uniform']:.4f} | {means.get('loss', math.nan):.4f} | "
+        f"{means['teacher_kl_uniform']:.4f} | {means.get('dino', means.get('loss', math.nan)):.4f} | "
         f"{means.get('uniform_loss', math.nan):.4f} | {verdict} |",
         "",
         f"A teacher KL to uniform below {UNIFORM_KL_THRESHOLD} nats is a uniform collapse, a teacher entropy below "
