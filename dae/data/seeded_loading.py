@@ -31,6 +31,7 @@ from torch.utils.data import (
 
 from dae.data.stratified_sampling import StratifiedEpochSampler
 from dae.utils.dist import get_rank, get_world_size, is_distributed
+from dae.utils.seed import epoch_generator
 
 __all__ = ["EpochSampler", "EpochShuffleSampler", "SeededDataset", "sample_seeds", "seeded_loader"]
 
@@ -147,9 +148,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator()
-        generator.manual_seed(int(np.random.SeedSequence(self.seed, spawn_key=(self.epoch,)).generate_state(1)[0]))
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(torch.randperm(self.size, generator=epoch_generator(self.seed, self.epoch)).tolist())
 
     def __len__(self) -> int:
         return self.size

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from dae.utils.seed import epoch_generator
 
 __all__ = ["StratifiedEpochSampler", "stratified_order"]
 
@@ -50,7 +51,8 @@ class StratifiedEpochSampler(Sampler[int]):
     """This rank's share of a stratified random order of the samples that is a function of ``(seed, epoch)``.
 
     The order of an epoch comes from :func:`stratified_order` with a generator seeded by
-    ``SeedSequence(seed, spawn_key=(epoch,))``, as :class:`~dae.data.seeded_loading.EpochShuffleSampler` does.
+    ``SeedSequence(seed, spawn_key=(epoch,))`` (:func:`dae.utils.seed.epoch_generator`), as
+    :class:`~dae.data.seeded_loading.EpochShuffleSampler`'s.
     Under ``num_replicas`` ranks, consecutive blocks of ``batch_size`` samples go to the ranks in turn, so that
     the ranks' batches of one iteration together are a consecutive stretch of the order: the global batch is
     mixed, as a loss gathered over the ranks needs. Every rank gets ``ceil(N / num_replicas)`` samples, the
@@ -90,9 +92,7 @@ class StratifiedEpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator()
-        generator.manual_seed(int(np.random.SeedSequence(self.seed, spawn_key=(self.epoch,)).generate_state(1)[0]))
-        order = stratified_order(self.strata, generator)
+        order = stratified_order(self.strata, epoch_generator(self.seed, self.epoch))
         blocks = math.ceil(self.num_samples / self.batch_size)
         needed = blocks * self.batch_size * self.num_replicas
         stream = order * math.ceil(needed / len(order))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from monai.utils import set_determinism
 
-__all__ = ["capture_rng_state", "restore_rng_state", "seed_everything"]
+__all__ = ["capture_rng_state", "epoch_generator", "restore_rng_state", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -24,6 +24,17 @@ def seed_everything(seed: int) -> None:
     deterministic, benchmark = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     set_determinism(seed)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, benchmark
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A ``torch.Generator`` for one epoch's data order, seeded from ``SeedSequence(seed, spawn_key=(epoch,))``.
+
+    The hash keeps it apart from every other stream derived from the same seed (e.g. the samples' seeds, which
+    use ``spawn_key=(epoch, index)``).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(int(np.random.SeedSequence(seed, spawn_key=(epoch,)).generate_state(1)[0]))
+    return generator
 
 
 def capture_rng_state() -> dict[str, Any]:
