@@ -219,6 +219,9 @@ def test_collapse_warnings_use_the_teacher_distribution_not_the_loss(caplog):
         DinoTrainer._warn_collapse(trainer, {**base, "teacher_kl_uniform": 0.01})
         assert "uniform collapse" in caplog.text
         caplog.clear()
+        DinoTrainer._warn_collapse(trainer, {**base, "teacher_kl_uniform": 0.01, "dino": 6.5, "loss": 5.0})
+        assert "loss 6.5000" in caplog.text  # the DINO part is what compares with ln K, not the total with KoLeo
+        caplog.clear()
         DinoTrainer._warn_collapse(trainer, {**base, "teacher_kl_uniform": 6.9, "teacher_entropy": 0.01})
         assert "one-hot" in caplog.text
 

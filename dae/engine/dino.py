@@ -241,7 +241,7 @@ class DinoTrainer(Trainer):
                 "momentum_teacher, a smaller out_dim, another lr.",
                 self.epoch + 1,
                 means["teacher_kl_uniform"],
-                means["loss"],
+                means.get("dino", means["loss"]),  # the DINO part, without a KoLeo term
                 means["uniform_loss"],
             )
         elif collapse == "one-hot":
