@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,7 +38,7 @@ from dae.utils.schedules import CosineSchedule
 from dae.utils.seed import restore_rng_state
 from dae.utils.tensors import plain_tensor
 
-__all__ = ["ONE_HOT_ENTROPY_THRESHOLD", "UNIFORM_KL_THRESHOLD", "DinoTrainer", "teacher_collapse"]
+__all__ = ["ONE_HOT_ENTROPY_THRESHOLD", "UNIFORM_KL_THRESHOLD", "DinoTrainer", "dino_part", "teacher_collapse"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,11 @@ def teacher_collapse(means: Mapping[str, float]) -> str | None:
     if means["teacher_entropy"] < ONE_HOT_ENTROPY_THRESHOLD:
         return "one-hot"
     return None
+
+
+def dino_part(means: Mapping[str, float]) -> float:
+    """The DINO loss without a KoLeo term (``dino`` when logged, else ``loss``): the value to compare with ln K."""
+    return means.get("dino", means.get("loss", math.nan))
 
 
 def _plain(value: Any) -> Any:
@@ -241,7 +247,7 @@ class DinoTrainer(Trainer):
                 "momentum_teacher, a smaller out_dim, another lr.",
                 self.epoch + 1,
                 means["teacher_kl_uniform"],
-                means.get("dino", means["loss"]),  # the DINO part, without a KoLeo term
+                dino_part(means),
                 means["uniform_loss"],
             )
         elif collapse == "one-hot":

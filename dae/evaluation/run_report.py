@@ -18,7 +18,7 @@ import markdown
 import yaml
 from matplotlib.figure import Figure
 
-from dae.engine.dino import ONE_HOT_ENTROPY_THRESHOLD, UNIFORM_KL_THRESHOLD, teacher_collapse
+from dae.engine.dino import ONE_HOT_ENTROPY_THRESHOLD, UNIFORM_KL_THRESHOLD, dino_part, teacher_collapse
 from dae.evaluation.baselines import gain_table
 from dae.evaluation.report import format_table
 
@@ -123,7 +123,7 @@ def _collapse_section(last: Mapping[str, Any]) -> list[str]:
         "| teacher entropy | student entropy | teacher KL to uniform | DINO loss | ln K | verdict |",
         "|---|---|---|---|---|---|",
         f"| {means['teacher_entropy']:.4f} | {means.get('student_entropy', math.nan):.4f} | "
-        f"{means['teacher_kl_uniform']:.4f} | {means.get('dino', means.get('loss', math.nan)):.4f} | "
+        f"{means['teacher_kl_uniform']:.4f} | {dino_part(means):.4f} | "
         f"{means.get('uniform_loss', math.nan):.4f} | {verdict} |",
         "",
         f"A teacher KL to uniform below {UNIFORM_KL_THRESHOLD} nats is a uniform collapse, a teacher entropy below "
