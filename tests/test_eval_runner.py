@@ -121,7 +121,7 @@ def test_run_retrieval_skips_cut_offs_beyond_the_gallery(caplog):
     assert run_retrieval(gallery, query, ks=(10,))[0] == []
 
 
-def test_knn_monitor_is_the_knn_top1_of_the_cls_features():
+def test_knn_monitor_is_the_knn_top1_and_auroc_of_the_cls_features():
     torch.manual_seed(0)
     backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, in_chans=1)
     probe, val = DataLoader(_samples(18, 0), batch_size=8), DataLoader(_samples(9, 1), batch_size=8)
@@ -129,7 +129,8 @@ def test_knn_monitor_is_the_knn_top1_of_the_cls_features():
     train_set, val_set = extract_features(extractor, probe), extract_features(extractor, val)
     scores = knn_predict(train_set.cls, train_set.labels, val_set.cls, k=5, temperature=0.1, num_classes=3)
     result = KnnMonitor(probe, val, k=5, temperature=0.1)(backbone)
-    assert result == {"knn_top1": accuracy(scores, val_set.labels)}
+    assert result == {"knn_top1": accuracy(scores, val_set.labels), "knn_auroc": auroc(scores, val_set.labels)["macro"]}
+    assert set(result) == set(KnnMonitor.metrics) and 0.0 <= result["knn_auroc"] <= 1.0
     assert not backbone.training
     with pytest.raises(ValueError, match="amp"):
         KnnMonitor(probe, val, amp="fp8")(backbone)

@@ -190,6 +190,13 @@ ROWS = [
     Row("epochs as a word", *PRETRAIN, lambda d, o: _pretrain(d, o, epochs="two"), ConfigError, ("epochs", "'two'")),
     Row("unknown amp", *PRETRAIN, lambda d, o: _pretrain(d, o, amp="bf17"), ConfigError, ("amp", "'bf17'")),
     Row(
+        "unknown monitor metric",
+        *DINO,
+        lambda d, o: _xray(d, o, monitor_metric="knn_top5"),
+        ConfigError,
+        ("monitor_metric", "'knn_top5'", "knn_auroc"),
+    ),
+    Row(
         "roi too small",
         *PRETRAIN,
         lambda d, o: _pretrain(d, o, roi_size=[32, 32, 32]),

@@ -21,7 +21,7 @@ def finished_run(module_tmp_path: Path) -> Path:
     out = module_tmp_path / "dino_run"
     out.mkdir()
     val_loader = DataLoader([{"image": torch.rand(3, 32, 32)} for _ in range(2)], batch_size=2)
-    _dino(out, val_loader=val_loader, monitor=lambda backbone: {"knn_top1": 0.5}).run()
+    _dino(out, val_loader=val_loader, monitor=lambda backbone: {"knn_top1": 0.5, "knn_auroc": 0.75}).run()
     return out
 
 
@@ -32,7 +32,10 @@ def test_report_has_curves_collapse_table_and_pictures(finished_run: Path, capsy
     text = (report / "index.md").read_text()
     assert "2 epochs recorded, 4 iterations." in text
     assert "![curves](curves.png)" in text and (report / "curves.png").stat().st_size > 10_000
-    assert "k-NN monitor (top-1 on the validation list): first 0.5000 (epoch 1)" in text
+    assert (
+        "k-NN monitor (top-1 on the validation list): first 0.5000 (epoch 1), best 0.5000 (epoch 1, `best.pt`)" in text
+    )
+    assert "k-NN monitor (AUROC on the validation list): first 0.7500 (epoch 1), best 0.7500 (epoch 1), last" in text
     assert "## Collapse diagnostics (last epoch)" in text and "| teacher entropy |" in text
     for picture in ("val_teacher_last_layer_attention.png", "train_crops_global_then_local.png"):
         assert (report / picture).read_bytes()[:4] == b"\x89PNG"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -258,6 +259,37 @@ def test_dino_trainer_calls_its_monitor_with_the_teacher_backbone(tmp_path: Path
         _dino(tmp_path, monitor=monitor)
 
 
+class _TwoMetricMonitor:
+    """A monitor whose top-1 peaks at epoch 1 and whose AUROC peaks at epoch 2."""
+
+    metrics = ("knn_top1", "knn_auroc")
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, backbone: nn.Module) -> dict[str, float]:
+        self.calls += 1
+        return {"knn_top1": [0.8, 0.7][self.calls - 1], "knn_auroc": [0.6, 0.9][self.calls - 1]}
+
+
+@pytest.mark.parametrize(("best_metric", "best_epoch"), [("knn_top1", 1), ("knn_auroc", 2)])
+def test_dino_best_checkpoint_follows_the_chosen_monitor_metric(
+    tmp_path: Path, best_metric: str, best_epoch: int
+) -> None:
+    val_loader = DataLoader([{"image": torch.rand(3, 32, 32)} for _ in range(2)], batch_size=2)
+    trainer = _dino(tmp_path, val_loader=val_loader, monitor=_TwoMetricMonitor(), best_metric=best_metric)
+    trainer.run()
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert (best["epoch"], best["best_metric"]) == (best_epoch, best_metric)
+    assert trainer.best_epoch == best_epoch
+
+
+def test_dino_refuses_a_best_metric_its_monitor_does_not_give(tmp_path: Path) -> None:
+    val_loader = DataLoader([{"image": torch.rand(3, 32, 32)} for _ in range(2)], batch_size=2)
+    with pytest.raises(ValueError, match=r"best_metric='knn_top5' is not a metric of the monitor.*knn_auroc"):
+        _dino(tmp_path, val_loader=val_loader, monitor=_TwoMetricMonitor(), best_metric="knn_top5")
+
+
 def test_segmentation_trainer_calls_its_evaluator_with_the_network(tmp_path: Path) -> None:
     calls: list[nn.Module] = []
 
@@ -302,3 +334,13 @@ def test_dino_trainer_adds_the_weighted_koleo_term(tmp_path: Path) -> None:
     assert all("koleo" not in record and "dino" not in record for record in _steps(tmp_path / "off"))
     with pytest.raises(ValueError, match="koleo_weight"):
         _dino(tmp_path / "bad", koleo_weight=-1.0)
+
+
+def test_resuming_with_another_best_metric_says_best_pt_starts_afresh(tmp_path: Path, caplog) -> None:
+    val_loader = DataLoader([{"image": torch.rand(3, 32, 32)} for _ in range(2)], batch_size=2)
+    _dino(tmp_path, val_loader=val_loader, monitor=_TwoMetricMonitor()).run()
+    trainer = _dino(tmp_path, val_loader=val_loader, monitor=_TwoMetricMonitor(), best_metric="knn_auroc")
+    with caplog.at_level(logging.WARNING, logger="dae.engine.trainer"):
+        trainer.load(tmp_path / "checkpoints" / "latest.pt")
+    assert "chose best.pt by knn_top1, this run by knn_auroc" in caplog.text
+    assert trainer.best_value == -math.inf

@@ -111,6 +111,7 @@ SETTINGS: dict[str, Setting] = {
     "epochs": _integer(1),
     "epochs_per_run": _integer(1, nullable=True),
     "early_stop_patience": _integer(1, nullable=True),
+    "monitor_metric": _choice("knn_top1", "knn_auroc"),
     "batch_size": _integer(1),
     "total_batch_size": _integer(1),
     "probe_batch_size": _integer(1),

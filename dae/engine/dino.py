@@ -81,7 +81,8 @@ class DinoTrainer(Trainer):
     Validation is optional and is a monitor of the teacher, e.g. the k-NN collapse check the DINO authors use
     (:class:`dae.evaluation.knn.KnnMonitor`): ``monitor(teacher_backbone)`` is called with the teacher's
     backbone in eval mode, under the trainer's validation seeding, every ``val_interval`` epochs, and returns
-    metrics that include ``knn_top1``, which selects ``best.pt``. ``val_loader`` schedules it and gives the
+    metrics that include ``best_metric`` (``knn_top1`` by default), which selects ``best.pt`` and drives early
+    stopping. ``val_loader`` schedules it and gives the
     images whose attention maps are drawn; the two go together.
 
     Args:
@@ -102,6 +103,8 @@ class DinoTrainer(Trainer):
             features, computed per global crop and summed over the two, as in DINOv2 (which uses 0.1); 0: off,
             as in DINO. When on, ``koleo`` (unweighted) and ``dino`` are logged next to the total ``loss``.
         monitor: the validation, ``teacher backbone -> {"knn_top1": ..., ...}``; required with ``val_loader``.
+        best_metric: the monitor's metric that selects ``best.pt`` (higher is better), e.g. ``"knn_top1"`` or
+            ``"knn_auroc"`` of :class:`~dae.evaluation.knn.KnnMonitor`.
         image_key: batch key of the images of ``val_loader`` (for the attention maps).
         attention_images: how many fixed validation images show their attention maps (ViTs only).
         run_config: hyper-parameters to store as ``args`` in the checkpoints.
@@ -110,7 +113,8 @@ class DinoTrainer(Trainer):
         **kwargs: the loop settings of :class:`~dae.engine.trainer.Trainer`.
 
     Raises:
-        ValueError: when only one of ``val_loader`` and ``monitor`` is given.
+        ValueError: when only one of ``val_loader`` and ``monitor`` is given, or when the monitor lists its
+            metrics (a ``metrics`` attribute) and ``best_metric`` is not one of them.
     """
 
     best_metric = "knn_top1"
@@ -132,6 +136,7 @@ class DinoTrainer(Trainer):
         crop_transform: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
         koleo_weight: float = 0.0,
         monitor: Callable[[nn.Module], Mapping[str, float]] | None = None,
+        best_metric: str = "knn_top1",
         image_key: str = "image",
         attention_images: int = 4,
         run_config: Mapping[str, Any] | None = None,
@@ -145,6 +150,10 @@ class DinoTrainer(Trainer):
                 f"dae.evaluation.knn.KnnMonitor) and shows the attention maps; got val_loader={self.val_loader!r}, "
                 f"monitor={monitor!r}"
             )
+        offered = getattr(monitor, "metrics", None)
+        if offered is not None and best_metric not in offered:
+            raise ValueError(f"best_metric={best_metric!r} is not a metric of the monitor, which gives {list(offered)}")
+        self.best_metric = best_metric
         self.teacher = teacher.to(self.device)
         self.teacher.load_state_dict(network.state_dict())
         self.teacher.requires_grad_(False)

@@ -337,6 +337,14 @@ class Trainer:
             self.best_value = float(state["best_value"])
             self.best_epoch = int(state.get("best_epoch", 0))
             self.stale_validations = int(state.get("stale_validations", 0))
+        elif "best_metric" in state:
+            logger.warning(
+                "%s chose best.pt by %s, this run by %s: the best value starts afresh and the next validation "
+                "overwrites best.pt",
+                path,
+                state["best_metric"],
+                self.best_metric,
+            )
         self.load_extra_state(state)
         self._rng_to_restore = state["rng"]
         logger.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.global_step)

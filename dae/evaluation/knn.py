@@ -20,7 +20,7 @@ from torch import nn
 
 from dae.evaluation.features import DinoBackboneExtractor, extract_features
 from dae.evaluation.featureset import FeatureSet
-from dae.evaluation.metrics import accuracy, classification_estimates, resolve_metric
+from dae.evaluation.metrics import accuracy, auroc, classification_estimates, resolve_metric
 from dae.evaluation.neighbours import cosine_topk
 
 __all__ = ["KnnMonitor", "knn_evaluate", "knn_predict", "run_knn"]
@@ -170,11 +170,16 @@ def run_knn(
 
 
 class KnnMonitor:
-    """k-NN top-1 accuracy of a backbone's CLS features: the collapse check of self-supervised training.
+    """k-NN top-1 accuracy and AUROC of a backbone's CLS features: the collapse check of self-supervised training.
 
     The backbone's final CLS features of ``probe_loader`` (labelled training images) vote, with k neighbours
     (at most the probe set's size), for the images of ``val_loader``. Give it a few hundred to a few thousand
     images. The backbone is left in eval mode.
+
+    Both metrics come from the same vote: ``knn_top1`` (the arg-max, DINO's monitor) and ``knn_auroc`` (the macro
+    AUROC of the vote scores; one-vs-rest with more than two classes). On a few hundred images of a binary task
+    the accuracy moves in steps of one image, and sits on the majority class early on; the AUROC ranks every
+    image and is the metric the evaluation bundle reports, so it is the steadier choice of ``best.pt`` there.
 
     Args:
         probe_loader: labelled images whose features vote.
@@ -185,6 +190,9 @@ class KnnMonitor:
         device: where features are computed.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` for the feature extraction.
     """
+
+    #: the metrics a call returns (a trainer's ``best_metric`` must be one of them)
+    metrics = ("knn_top1", "knn_auroc")
 
     def __init__(
         self,
@@ -203,10 +211,11 @@ class KnnMonitor:
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module) -> dict[str, float]:
-        """``{"knn_top1": accuracy}`` of ``backbone`` (a ViT or ResNet of :func:`dae.models.build_backbone`)."""
+        """``{"knn_top1": accuracy, "knn_auroc": macro AUROC}`` of ``backbone`` (a ViT or ResNet of
+        :func:`dae.models.build_backbone`)."""
         extractor = DinoBackboneExtractor(backbone, n_last_blocks=1)
         train = extract_features(extractor, self.probe_loader, **self.keys)
         val = extract_features(extractor, self.val_loader, **self.keys)
         k, num_classes = min(self.k, len(train)), max(train.num_classes, val.num_classes)
         scores = knn_predict(train.cls, train.labels, val.cls, k, self.temperature, num_classes=num_classes)
-        return {"knn_top1": accuracy(scores, val.labels)}
+        return {"knn_top1": accuracy(scores, val.labels), "knn_auroc": auroc(scores, val.labels)["macro"]}

@@ -51,7 +51,7 @@ _SETTINGS = (
 _PANELS = {
     "loss": ("train_loss", "train_dino", "train_koleo", "val_loss", "train_uniform_loss"),
     "reconstruction and contrastive": ("train_reconstruction", "val_reconstruction", "train_contrastive"),
-    "k-NN monitor (validation)": ("val_knn_top1",),
+    "k-NN monitor (validation)": ("val_knn_top1", "val_knn_auroc"),
     "teacher and student": ("train_teacher_entropy", "train_student_entropy", "train_teacher_kl_uniform"),
 }
 _LABELS = {
@@ -59,6 +59,7 @@ _LABELS = {
     "train_dino": "DINO part (compare with ln K)",
     "train_koleo": "KoLeo term (unweighted)",
     "val_knn_top1": "k-NN top-1 accuracy",
+    "val_knn_auroc": "k-NN AUROC",
     "train_teacher_kl_uniform": "teacher KL to uniform",
 }
 
@@ -133,19 +134,25 @@ def _collapse_section(last: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _monitor_line(epochs: Sequence[Mapping[str, Any]]) -> list[str]:
-    scored = [e for e in epochs if "val_knn_top1" in e and e["epoch"] > 0]
-    initial = [e["val_knn_top1"] for e in epochs if "val_knn_top1" in e and e["epoch"] == 0]
-    if not scored:
-        return []
-    best = max(scored, key=lambda e: e["val_knn_top1"])
-    start = f"initial weights {initial[0]:.4f} (epoch 0), " if initial else ""
-    return [
-        f"k-NN monitor (top-1 on the validation list): {start}first {scored[0]['val_knn_top1']:.4f} (epoch "
-        f"{scored[0]['epoch']}), best {best['val_knn_top1']:.4f} (epoch {best['epoch']}, `best.pt`), last "
-        f"{scored[-1]['val_knn_top1']:.4f} (epoch {scored[-1]['epoch']}).",
-        "",
-    ]
+def _monitor_line(epochs: Sequence[Mapping[str, Any]], selecting: str) -> list[str]:
+    """One line per k-NN monitor metric in the records; ``selecting`` is the one that chose ``best.pt``."""
+    lines = []
+    for metric, title in (("knn_top1", "top-1"), ("knn_auroc", "AUROC")):
+        key = f"val_{metric}"
+        scored = [e for e in epochs if key in e and e["epoch"] > 0]
+        if not scored:
+            continue
+        initial = [e[key] for e in epochs if key in e and e["epoch"] == 0]
+        best = max(scored, key=lambda e: e[key])
+        start = f"initial weights {initial[0]:.4f} (epoch 0), " if initial else ""
+        chose = ", `best.pt`" if metric == selecting else ""
+        lines += [
+            f"k-NN monitor ({title} on the validation list): {start}first {scored[0][key]:.4f} (epoch "
+            f"{scored[0]['epoch']}), best {best[key]:.4f} (epoch {best['epoch']}{chose}), last {scored[-1][key]:.4f} "
+            f"(epoch {scored[-1]['epoch']}).",
+            "",
+        ]
+    return lines
 
 
 def _evaluation_section(results: Path) -> list[str]:
@@ -190,7 +197,9 @@ def write_run_report(
     lines.append("")
     if _curves(epochs, out / "curves.png"):
         lines += ["## Curves", "", "![curves](curves.png)", ""]
-    lines += _monitor_line(epochs)
+    # the bundle's config names the metric that kept best.pt; without it, the trainer's default
+    selecting = config.get("monitor_metric", "knn_top1") if isinstance(config, Mapping) else "knn_top1"
+    lines += _monitor_line(epochs, selecting)
     lines += _collapse_section(last)
     pictures = _pictures(run_dir, out)
     if pictures:
