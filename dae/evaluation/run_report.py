@@ -44,6 +44,7 @@ _SETTINGS = (
     "teacher_temp",
     "momentum_teacher",
     "koleo_weight",
+    "monitor_metric",
     "epochs",
     "seed",
 )
