@@ -44,6 +44,7 @@ def test_dino_small_data_is_evaluated_from_its_best_checkpoint() -> None:
     assert spec["checkpoint"] == f"{train.get_parsed_content('output_dir')}/checkpoints/best.pt"
     assert evaluation.get_parsed_content("image_size") == train.get_parsed_content("global_crop_size")
     assert train.get_parsed_content("knn_monitor") is True and evaluation.get_parsed_content("compare_random")
+    assert train.get_parsed_content("monitor_metric") == "knn_auroc"  # the metric the evaluation reports
 
 
 # Each overlay with the files it goes on top of.
@@ -97,4 +98,5 @@ def test_dino_gpu_recipe_is_evaluated_from_its_best_checkpoint_at_its_crop_size(
     assert train.get_parsed_content("arch") == "vit_small" and train.get_parsed_content("knn_monitor") is True
     assert train.get_parsed_content("photometric_augmentation") is False
     assert train.get_parsed_content("early_stop_patience") == 10
+    assert train.get_parsed_content("monitor_metric") == "knn_auroc"
     assert evaluation.get_parsed_content("compare_random")
