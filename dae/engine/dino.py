@@ -117,8 +117,7 @@ class DinoTrainer(Trainer):
             metrics (a ``metrics`` attribute) and ``best_metric`` is not one of them.
     """
 
-    best_metric = "knn_top1"
-    best_mode = "max"
+    best_mode = "max"  # best_metric: set from the constructor argument
     summary_keys = ("loss", "teacher_entropy")
     model_key = "student"
     non_finite_hint = "try amp: bf16 or none, a lower lr, or clip_grad > 0"

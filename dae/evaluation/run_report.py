@@ -199,8 +199,7 @@ def write_run_report(
     if _curves(epochs, out / "curves.png"):
         lines += ["## Curves", "", "![curves](curves.png)", ""]
     # the bundle's config names the metric that kept best.pt; without it, the trainer's default
-    selecting = config.get("monitor_metric", "knn_top1") if isinstance(config, Mapping) else "knn_top1"
-    lines += _monitor_line(epochs, selecting)
+    lines += _monitor_line(epochs, settings.get("monitor_metric", "knn_top1"))
     lines += _collapse_section(last)
     pictures = _pictures(run_dir, out)
     if pictures:
